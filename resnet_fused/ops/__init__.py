@@ -1,0 +1,1 @@
+"""The fused operators, one module each."""

@@ -1,0 +1,30 @@
+"""Input checks and layout helpers shared by the fused operators."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_float(op: str, name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}; expected float32, float64, float16 or bfloat16")
+
+
+def check_same(op: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor, *, shape: bool = True) -> None:
+    if a.device != b.device:
+        raise ValueError(f"{op}: {a_name} is on {a.device} but {b_name} is on {b.device}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{op}: {a_name} has dtype {a.dtype} but {b_name} has dtype {b.dtype}")
+    if shape and a.shape != b.shape:
+        raise ValueError(f"{op}: {a_name} has shape {tuple(a.shape)} but {b_name} has shape {tuple(b.shape)}")
+
+
+def as_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` with exactly ``like``'s strides (a copy only when they differ), so that two
+    dense tensors can be walked as flat storage by one elementwise kernel."""
+    if t.stride() == like.stride():
+        return t
+    return torch.empty_like(like).copy_(t)

@@ -1,0 +1,70 @@
+"""Shared test helpers.
+
+Nothing here touches the GPU at import time: CUDA availability is checked lazily by
+skip conditions, when a test is set up.
+
+Environment switches (CI and scripts/gpu_check.sh set them):
+  TRITON_INTERPRET=1                     run the Triton kernels on CPU tensors
+  RESNET_FUSED_REQUIRE_CUDA_EXT=1        fail (not skip) if the compiled extension is missing
+  RESNET_FUSED_REQUIRE_TRITON=1          fail (not skip) if the Triton tests cannot run
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import resnet_fused
+from resnet_fused import _triton
+
+REQUIRE_EXT = os.environ.get("RESNET_FUSED_REQUIRE_CUDA_EXT") == "1"
+REQUIRE_TRITON = os.environ.get("RESNET_FUSED_REQUIRE_TRITON") == "1"
+NO_CUDA = "not torch.cuda.is_available()"
+
+
+def _cases():
+    """(backend, device) pairs, each skipped with its reason where it cannot run."""
+    interp = _triton.interpreting()
+    have = resnet_fused.available_backends()
+    yield pytest.param(("reference", "cpu"), id="reference-cpu")
+    yield pytest.param(("triton", "cpu"), id="triton-interp-cpu",
+                       marks=pytest.mark.skipif(not interp, reason="TRITON_INTERPRET=1 not set"))
+    yield pytest.param(("reference", "cuda"), id="reference-cuda",
+                       marks=[pytest.mark.gpu, pytest.mark.skipif(NO_CUDA, reason="no CUDA GPU")])
+    yield pytest.param(("triton", "cuda"), id="triton-cuda",
+                       marks=[pytest.mark.gpu, pytest.mark.skipif(NO_CUDA, reason="no CUDA GPU"),
+                              pytest.mark.skipif(interp, reason="TRITON_INTERPRET=1: Triton runs on the CPU")])
+    yield pytest.param(("cuda", "cuda"), id="cuda-cuda",
+                       marks=[pytest.mark.gpu, pytest.mark.skipif(NO_CUDA, reason="no CUDA GPU"),
+                              pytest.mark.skipif("cuda" not in have, reason="CUDA extension not loaded")])
+
+
+BACKEND_DEVICE = list(_cases())
+# Backends that are not the oracle itself (used where comparing reference to itself is moot).
+FUSED_BACKEND_DEVICE = [p for p in BACKEND_DEVICE if p.values[0][0] != "reference"]
+
+
+def report_mismatch(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> str:
+    """How many elements are outside tolerance, and the worst one (Liger-style)."""
+    a, e = actual.double(), expected.double()
+    bad = ~torch.isclose(a, e, atol=atol, rtol=rtol, equal_nan=True)
+    n = int(bad.sum())
+    if n == 0:
+        return "all close"
+    idx = torch.nonzero(bad)[0].tolist()
+    return f"{n}/{bad.numel()} elements mismatch; first at {idx}: {a[tuple(idx)].item()} vs {e[tuple(idx)].item()}"
+
+
+def assert_close(actual, expected, atol, rtol, msg=""):
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"dtype {actual.dtype} != {expected.dtype}"
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, equal_nan=True,
+                               msg=lambda m: f"{msg} {report_mismatch(actual, expected, atol, rtol)}\n{m}")
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    before = resnet_fused.get_backend()
+    yield
+    resnet_fused._backends._current = before
