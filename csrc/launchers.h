@@ -16,3 +16,37 @@ cudaError_t launch_add_relu(const void* x, const void* residual, void* out, int6
                             cudaStream_t stream);
 
 }  // namespace resnet_fused
+
+namespace resnet_fused {
+
+// BatchNorm kernels over NHWC activations seen as [M, K] row-major matrices (K = channels,
+// contiguous). "acc" buffers are float64 when the activations are float64, else float32.
+// Each returns the launch status.
+
+// Per-chunk statistics: for chunk g (rows [g*rows, (g+1)*rows)), the channel mean and M2
+// (sum of squared deviations from that mean), G = ceil(M / rows) chunks.
+cudaError_t launch_bn_stats(const void* z, void* pmean, void* pm2, int64_t M, int64_t K, int64_t rows, DType dtype,
+                            cudaStream_t stream);
+
+// Chan merge of the partials into mean and 1/sqrt(var + eps); when running_mean is not
+// null also writes the updated running statistics (momentum, unbiased variance) to new_*.
+cudaError_t launch_bn_finalize(const void* pmean, const void* pm2, int64_t G, int64_t K, int64_t M, int64_t rows,
+                               void* mean, void* invstd, const void* running_mean, const void* running_var,
+                               void* new_running_mean, void* new_running_var, DType run_dtype, double momentum,
+                               double eps, bool acc_f64, cudaStream_t stream);
+
+// out = relu?(z * scale[k] + shift[k] + residual?)
+cudaError_t launch_bn_apply(const void* z, const void* scale, const void* shift, const void* residual, void* out,
+                            int64_t M, int64_t K, bool relu, DType dtype, cudaStream_t stream);
+
+// Per-chunk sums of gy and gy * (z - mean[k]), gy = relu ? grad * (out > 0) : grad.
+cudaError_t launch_bn_bwd_reduce(const void* grad, const void* out, const void* z, const void* mean, void* psum,
+                                 void* psumz, int64_t M, int64_t K, int64_t rows, bool relu, DType dtype,
+                                 cudaStream_t stream);
+
+// dz = a[k] * gy + (b ? b[k] * (z - mean[k]) * invstd[k] + c[k] : 0); gres = gy when not null.
+cudaError_t launch_bn_bwd_apply(const void* grad, const void* out, const void* z, const void* mean,
+                                const void* invstd, const void* a, const void* b, const void* c, void* dz, void* gres,
+                                int64_t M, int64_t K, bool relu, DType dtype, cudaStream_t stream);
+
+}  // namespace resnet_fused

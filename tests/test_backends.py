@@ -49,6 +49,8 @@ def test_extension_loaded_and_registered():
     assert "cuda" in resnet_fused.available_backends()
     op = torch.ops.resnet_fused_C.add_relu.default
     assert "add_relu(Tensor x, Tensor residual) -> Tensor" in str(op._schema)
+    for name in ("bn_stats", "bn_finalize", "bn_apply", "bn_bwd_reduce", "bn_bwd_apply"):
+        assert getattr(torch.ops.resnet_fused_C, name).default._schema.name == f"resnet_fused_C::{name}"
     # The op has a CUDA kernel only: on CPU tensors the dispatcher refuses it by name.
     with pytest.raises(NotImplementedError, match="resnet_fused_C::add_relu"):
         op(torch.ones(2), torch.ones(2))

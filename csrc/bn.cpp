@@ -1,0 +1,178 @@
+// resnet_fused_C::bn_* — the BatchNorm / residual / ReLU kernels of the CUDA backend of
+// conv_bn_relu (the convolution itself is ATen's, called from Python). Activations must be
+// NHWC-dense 4-D tensors; per-channel vectors are float32 (float64 for float64 activations).
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace resnet_fused {
+namespace {
+
+constexpr const char* kOp = "resnet_fused_C::bn";
+
+void check_nhwc(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.is_cuda(), kOp, ": ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 4, kOp, ": ", name, " must be 4-D, got ", t.dim(), "-D");
+  TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), kOp, ": ", name, " must be channels_last-dense");
+  TORCH_CHECK(t.sizes() == like.sizes(), kOp, ": ", name, " has shape ", t.sizes(), ", expected ", like.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), kOp, ": ", name, " has dtype ", t.scalar_type(), ", expected ",
+              like.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), kOp, ": ", name, " is on ", t.device(), ", expected ", like.device());
+}
+
+at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_vec(const at::Tensor& v, const char* name, int64_t K, at::ScalarType acc, const at::Tensor& like) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == K && v.is_contiguous(), kOp, ": ", name, " must be a contiguous [", K,
+              "] vector, got ", v.sizes());
+  TORCH_CHECK(v.scalar_type() == acc, kOp, ": ", name, " must be ", acc, ", got ", v.scalar_type());
+  TORCH_CHECK(v.device() == like.device(), kOp, ": ", name, " is on ", v.device(), ", expected ", like.device());
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& z, int64_t rows) {
+  check_nhwc(z, "z", z);
+  TORCH_CHECK(rows > 0, kOp, "_stats: rows must be positive");
+  c10::cuda::CUDAGuard guard(z.device());
+  const int64_t K = z.size(1), M = K ? z.numel() / K : 0;
+  const int64_t G = std::max<int64_t>(1, (M + rows - 1) / rows);
+  auto opts = z.options().dtype(acc_type(z)).memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor pm = at::empty({G, K}, opts), pm2 = at::empty({G, K}, opts);
+  check_launch(launch_bn_stats(z.const_data_ptr(), pm.mutable_data_ptr(), pm2.mutable_data_ptr(), M, K, rows,
+                               kernel_dtype(z, kOp), stream()),
+               "resnet_fused_C::bn_stats");
+  return {pm, pm2};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize(
+    const at::Tensor& pm, const at::Tensor& pm2, int64_t rows, int64_t M, const std::optional<at::Tensor>& rm,
+    const std::optional<at::Tensor>& rv, double momentum, double eps) {
+  TORCH_CHECK(pm.is_cuda() && pm.dim() == 2 && pm.is_contiguous() && pm2.sizes() == pm.sizes() &&
+                  pm2.is_contiguous() && pm2.scalar_type() == pm.scalar_type(),
+              "resnet_fused_C::bn_finalize: partials must be two contiguous [G, K] CUDA tensors of one dtype");
+  TORCH_CHECK(M > 1, "resnet_fused_C::bn_finalize: need more than 1 value per channel, got ", M);
+  const bool update = rm.has_value() && rm->defined();
+  TORCH_CHECK(update == (rv.has_value() && rv->defined()),
+              "resnet_fused_C::bn_finalize: running_mean and running_var go together");
+  c10::cuda::CUDAGuard guard(pm.device());
+  const int64_t G = pm.size(0), K = pm.size(1);
+  at::Tensor mean = at::empty({K}, pm.options()), invstd = at::empty({K}, pm.options());
+  at::Tensor nrm, nrv;
+  DType run_dt = DType::Float32;
+  if (update) {
+    for (const auto* t : {&*rm, &*rv})
+      TORCH_CHECK(t->is_cuda() && t->dim() == 1 && t->size(0) == K && t->is_contiguous() &&
+                      t->scalar_type() == rm->scalar_type() && t->device() == pm.device(),
+                  "resnet_fused_C::bn_finalize: running statistics must be contiguous [", K,
+                  "] CUDA tensors of one dtype on the partials' device");
+    run_dt = kernel_dtype(*rm, "resnet_fused_C::bn_finalize");
+    nrm = at::empty_like(*rm);
+    nrv = at::empty_like(*rv);
+  } else {
+    nrm = at::empty({0}, pm.options());
+    nrv = at::empty({0}, pm.options());
+  }
+  check_launch(launch_bn_finalize(pm.const_data_ptr(), pm2.const_data_ptr(), G, K, M, rows, mean.mutable_data_ptr(),
+                                  invstd.mutable_data_ptr(), update ? rm->const_data_ptr() : nullptr,
+                                  update ? rv->const_data_ptr() : nullptr, update ? nrm.mutable_data_ptr() : nullptr,
+                                  update ? nrv.mutable_data_ptr() : nullptr, run_dt, momentum, eps,
+                                  pm.scalar_type() == at::kDouble, stream()),
+               "resnet_fused_C::bn_finalize");
+  return {mean, invstd, nrm, nrv};
+}
+
+at::Tensor bn_apply(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
+                    const std::optional<at::Tensor>& residual, bool relu) {
+  check_nhwc(z, "z", z);
+  const int64_t K = z.size(1), M = K ? z.numel() / K : 0;
+  const auto acc = acc_type(z);
+  check_vec(scale, "scale", K, acc, z);
+  check_vec(shift, "shift", K, acc, z);
+  const bool has_res = residual.has_value() && residual->defined();
+  if (has_res) check_nhwc(*residual, "residual", z);
+  c10::cuda::CUDAGuard guard(z.device());
+  at::Tensor out = at::empty_like(z);
+  check_launch(launch_bn_apply(z.const_data_ptr(), scale.const_data_ptr(), shift.const_data_ptr(),
+                               has_res ? residual->const_data_ptr() : nullptr, out.mutable_data_ptr(), M, K, relu,
+                               kernel_dtype(z, kOp), stream()),
+               "resnet_fused_C::bn_apply");
+  return out;
+}
+
+constexpr int64_t kReduceRows = 256;
+
+std::tuple<at::Tensor, at::Tensor> bn_bwd_reduce(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& z,
+                                                 const at::Tensor& mean, bool relu) {
+  check_nhwc(grad, "grad", grad);
+  check_nhwc(out, "out", grad);
+  check_nhwc(z, "z", grad);
+  const int64_t K = grad.size(1), M = K ? grad.numel() / K : 0;
+  check_vec(mean, "mean", K, acc_type(grad), grad);
+  c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t G = std::max<int64_t>(1, (M + kReduceRows - 1) / kReduceRows);
+  auto opts = mean.options();
+  at::Tensor ps = at::zeros({G, K}, opts), psz = at::zeros({G, K}, opts);
+  check_launch(launch_bn_bwd_reduce(grad.const_data_ptr(), out.const_data_ptr(), z.const_data_ptr(),
+                                    mean.const_data_ptr(), ps.mutable_data_ptr(), psz.mutable_data_ptr(), M, K,
+                                    kReduceRows, relu, kernel_dtype(grad, kOp), stream()),
+               "resnet_fused_C::bn_bwd_reduce");
+  // A fixed-order reduction over the partials: deterministic.
+  return {at::sum(ps, {0}), at::sum(psz, {0})};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_bwd_apply(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& z,
+                                                const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& a,
+                                                const std::optional<at::Tensor>& b,
+                                                const std::optional<at::Tensor>& c, bool relu, bool store_gres) {
+  check_nhwc(grad, "grad", grad);
+  if (relu) check_nhwc(out, "out", grad);
+  const int64_t K = grad.size(1), M = K ? grad.numel() / K : 0;
+  const auto acc = acc_type(grad);
+  check_vec(a, "a", K, acc, grad);
+  const bool use_z = b.has_value() && b->defined();
+  TORCH_CHECK(use_z == (c.has_value() && c->defined()), "resnet_fused_C::bn_bwd_apply: b and c go together");
+  if (use_z) {
+    check_nhwc(z, "z", grad);
+    check_vec(*b, "b", K, acc, grad);
+    check_vec(*c, "c", K, acc, grad);
+    check_vec(mean, "mean", K, acc, grad);
+    check_vec(invstd, "invstd", K, acc, grad);
+  }
+  c10::cuda::CUDAGuard guard(grad.device());
+  at::Tensor dz = at::empty_like(grad);
+  at::Tensor gres = store_gres ? at::empty_like(grad) : at::empty({0}, grad.options());
+  check_launch(launch_bn_bwd_apply(grad.const_data_ptr(), relu ? out.const_data_ptr() : nullptr,
+                                   use_z ? z.const_data_ptr() : nullptr, use_z ? mean.const_data_ptr() : nullptr,
+                                   use_z ? invstd.const_data_ptr() : nullptr, a.const_data_ptr(),
+                                   use_z ? b->const_data_ptr() : nullptr, use_z ? c->const_data_ptr() : nullptr,
+                                   dz.mutable_data_ptr(), store_gres ? gres.mutable_data_ptr() : nullptr, M, K, relu,
+                                   kernel_dtype(grad, kOp), stream()),
+               "resnet_fused_C::bn_bwd_apply");
+  return {dz, gres};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(resnet_fused_C, m) {
+  m.def("bn_stats(Tensor z, int rows) -> (Tensor, Tensor)");
+  m.def("bn_finalize(Tensor pmean, Tensor pm2, int rows, int M, Tensor? running_mean, Tensor? running_var, "
+        "float momentum, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("bn_apply(Tensor z, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> Tensor");
+  m.def("bn_bwd_reduce(Tensor grad, Tensor out, Tensor z, Tensor mean, bool relu) -> (Tensor, Tensor)");
+  m.def("bn_bwd_apply(Tensor grad, Tensor out, Tensor z, Tensor mean, Tensor invstd, Tensor a, Tensor? b, "
+        "Tensor? c, bool relu, bool store_gres) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(resnet_fused_C, CUDA, m) {
+  m.impl("bn_stats", &bn_stats);
+  m.impl("bn_finalize", &bn_finalize);
+  m.impl("bn_apply", &bn_apply);
+  m.impl("bn_bwd_reduce", &bn_bwd_reduce);
+  m.impl("bn_bwd_apply", &bn_bwd_apply);
+}
+
+}  // namespace resnet_fused

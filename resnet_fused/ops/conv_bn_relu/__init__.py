@@ -1,0 +1,308 @@
+"""conv + BatchNorm (+ residual) + ReLU as one operator.
+
+``conv_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, ...)`` returns
+``relu?(batch_norm(conv2d(x, weight)) + residual?)`` and, when training, updates the running
+statistics in place exactly as ``F.batch_norm`` does. Same contract on every backend.
+
+Forward, per backend (see triton_kernels.py, cuda.py, reference.py):
+  eval      conv with the BatchNorm folded into a per-channel (scale, shift) in fp32 and the
+            residual add and ReLU applied to the accumulator: one write of the output.
+  training  conv whose epilogue also emits per-tile channel statistics -> finalize (Chan
+            merge, running-stat update) -> one elementwise normalize + residual + ReLU.
+Backward: one reduction pass (sum gy, sum gy*(z-mean), with the ReLU mask applied on the
+fly), one elementwise pass (BatchNorm input gradient and the residual gradient), then the
+conv data / weight gradients through ATen's convolution_backward (cuDNN on CUDA) on every
+backend. What is saved: x, weight, the raw conv output z, the output (ReLU mask) and two
+[K] vectors.
+
+Precision: fp32 inputs use TF32 products exactly when PyTorch's convolutions do
+(``torch.backends.cudnn.allow_tf32``, CUDA only); statistics are accumulated in fp32
+(fp64 for fp64 inputs).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ... import _backends
+from ..._triton import HAS_TRITON
+from . import cuda as _cuda_impl
+from . import reference as _ref_impl
+from .reference import CL, acc_dtype, conv_bn_relu_reference
+
+if HAS_TRITON:
+    from . import triton_kernels as _triton_impl
+else:  # pragma: no cover
+    _triton_impl = None
+
+OP = "conv_bn_relu"
+_IMPLS = {"reference": _ref_impl, "triton": _triton_impl, "cuda": _cuda_impl}
+
+__all__ = ["conv_bn_relu", "conv_bn_relu_reference"]
+
+
+def _pair(v, name):
+    if isinstance(v, int):
+        return [v, v]
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return list(v)
+    raise TypeError(f"{OP}: {name} must be an int or a pair of ints, got {v!r}")
+
+
+def _in_layout(t: Tensor, shape, memory_format=None, like: Optional[Tensor] = None) -> Tensor:
+    """``t`` in a fixed layout (channels_last, or that of empty_like(like)), copying only
+    when its strides differ, so that real and fake kernels agree on output strides."""
+    want = torch.empty_like(like) if like is not None else torch.empty(
+        shape, dtype=t.dtype, device=t.device, memory_format=memory_format)
+    if t.stride() == want.stride():
+        return t
+    return want.copy_(t)
+
+
+def _out_size(H, W, R, S, stride, padding, dilation):
+    P = (H + 2 * padding[0] - dilation[0] * (R - 1) - 1) // stride[0] + 1
+    Q = (W + 2 * padding[1] - dilation[1] * (S - 1) - 1) // stride[1] + 1
+    return P, Q
+
+
+# --- forward operator -----------------------------------------------------------------------
+# Functional (no in-place mutation, so that it can carry an autograd formula): the updated
+# running statistics come back as outputs and the public function copies them into the
+# buffers (two [K]-element copies).
+@torch.library.custom_op("resnet_fused::conv_bn_fwd", mutates_args=())
+def _fwd_op(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+            running_mean: Optional[Tensor], running_var: Optional[Tensor], residual: Optional[Tensor],
+            stride: list[int], padding: list[int], dilation: list[int], groups: int, training: bool,
+            momentum: float, eps: float, relu: bool, store_z: bool, allow_tf32: bool,
+            backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out, z, mean, invstd, new_running_mean, new_running_var): z is the raw conv
+    output (empty unless training or store_z); mean/invstd are the batch statistics
+    (training) or the running ones (eval); the new running statistics are empty unless
+    training with running statistics."""
+    _backends.note(OP, backend)
+    B = _IMPLS[backend]
+    N, C, H, W = x.shape
+    K, _, R, S = weight.shape
+    P, Q = _out_size(H, W, R, S, stride, padding, dilation)
+    M = N * P * Q
+    acc = acc_dtype(x.dtype)
+    gamma = bn_weight.to(acc) if bn_weight is not None else torch.ones(K, device=x.device, dtype=acc)
+    beta = bn_bias.to(acc) if bn_bias is not None else torch.zeros(K, device=x.device, dtype=acc)
+    if residual is not None:
+        residual = _in_layout(residual, residual.shape, CL)
+    # The Triton kernel reads the weight as [K, R, S, C/groups] (free for channels_last weights).
+    w = weight.permute(0, 2, 3, 1).contiguous() if backend == "triton" else weight
+    common = dict(ieee=not allow_tf32)
+    if training:
+        _, z, pm, pm2, rows = B.conv_fwd(x, w, K, P, Q, stride, padding, dilation, groups, training=True, **common)
+        mean, invstd, new_rm, new_rv = B.bn_finalize(pm, pm2, rows, M, running_mean, running_var, momentum, eps)
+        scale = gamma * invstd
+        out = B.bn_apply(z, scale, beta - mean * scale, residual, relu)
+    else:
+        new_rm = new_rv = None
+        mean = running_mean.to(acc, copy=True)
+        invstd = torch.rsqrt(running_var.to(acc) + eps)
+        scale = gamma * invstd
+        out, z, _, _, _ = B.conv_fwd(x, w, K, P, Q, stride, padding, dilation, groups, training=False, scale=scale,
+                                     shift=beta - mean * scale, residual=residual, relu=relu, store_z=store_z,
+                                     **common)
+    out = _in_layout(out, (N, K, P, Q), CL)
+    # (Outputs may not alias each other: a fresh empty tensor for each missing one.)
+    z = _in_layout(z, (N, K, P, Q), CL) if z is not None else x.new_empty(0)
+    return (out, z, mean, invstd, new_rm if new_rm is not None else x.new_empty(0),
+            new_rv if new_rv is not None else x.new_empty(0))
+
+
+@_fwd_op.register_fake
+def _(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation, groups,
+      training, momentum, eps, relu, store_z, allow_tf32, backend):
+    N, C, H, W = x.shape
+    K, _, R, S = weight.shape
+    P, Q = _out_size(H, W, R, S, stride, padding, dilation)
+    out = torch.empty((N, K, P, Q), dtype=x.dtype, device=x.device, memory_format=CL)
+    z = torch.empty_like(out) if (training or store_z) else x.new_empty(0)
+    acc = acc_dtype(x.dtype)
+    upd = training and running_mean is not None
+    new_rm = running_mean.new_empty(K) if upd else x.new_empty(0)
+    new_rv = running_var.new_empty(K) if upd else x.new_empty(0)
+    return out, z, x.new_empty(K, dtype=acc), x.new_empty(K, dtype=acc), new_rm, new_rv
+
+
+# --- backward operator ------------------------------------------------------------------------
+@torch.library.custom_op("resnet_fused::conv_bn_bwd", mutates_args=())
+def _bwd_op(grad: Tensor, x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], z: Tensor, out: Tensor,
+            mean: Tensor, invstd: Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+            training: bool, relu: bool, output_mask: list[bool],
+            backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (x, weight, bn_weight, bn_bias, residual); entries not asked for in
+    output_mask come back empty."""
+    _backends.note(OP + "_backward", backend)
+    B = _IMPLS[backend]
+    need_dx, need_dw, need_dg, need_db, need_dr = output_mask
+    K = weight.shape[0]
+    acc = mean.dtype
+    grad = _in_layout(grad, grad.shape, CL)
+    M = grad.numel() // K if K else 0
+    gamma = bn_weight.to(acc) if bn_weight is not None else torch.ones(K, device=x.device, dtype=acc)
+    a = gamma * invstd
+    b = c = None
+    dgamma = dbeta = None
+    if training or need_dg or need_db:
+        if z.numel() != grad.numel():
+            raise RuntimeError(f"{OP}: backward needs the conv output, which the forward did not save")
+        sum_gy, sum_gyz = B.bn_bwd_reduce(grad, out, z, mean, relu)
+        dbeta, dgamma = sum_gy, sum_gyz * invstd  # sum(gy), sum(gy * xhat)
+        if training:
+            b, c = -a * dgamma / M, -a * dbeta / M
+    dz, gres = B.bn_bwd_apply(grad, out, z, mean, invstd, a, b, c, relu, need_dr)
+    dx = dw = None
+    if need_dx or need_dw:
+        dx, dw, _ = torch.ops.aten.convolution_backward(dz, x, weight, None, stride, padding, dilation, False, [0, 0],
+                                                        groups, [need_dx, need_dw, False])
+    e = lambda: x.new_empty(0)  # noqa: E731  (a fresh one each: outputs may not alias)
+    return (
+        _in_layout(dx, x.shape, like=x) if need_dx else e(),
+        _in_layout(dw, weight.shape, like=weight) if need_dw else e(),
+        dgamma.to(bn_weight.dtype) if need_dg else e(),
+        dbeta.to(bn_weight.dtype if bn_weight is not None else x.dtype) if need_db else e(),
+        _in_layout(gres, grad.shape, CL) if need_dr else e(),
+    )
+
+
+@_bwd_op.register_fake
+def _(grad, x, weight, bn_weight, z, out, mean, invstd, stride, padding, dilation, groups, training, relu,
+      output_mask, backend):
+    e = lambda: x.new_empty(0)  # noqa: E731
+    K = weight.shape[0]
+    need_dx, need_dw, need_dg, need_db, need_dr = output_mask
+    return (
+        torch.empty_like(x) if need_dx else e(),
+        torch.empty_like(weight) if need_dw else e(),
+        x.new_empty(K, dtype=bn_weight.dtype) if need_dg else e(),
+        x.new_empty(K, dtype=bn_weight.dtype if bn_weight is not None else x.dtype) if need_db else e(),
+        torch.empty(grad.shape, dtype=grad.dtype, device=grad.device, memory_format=CL) if need_dr else e(),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bn_weight, bn_bias, _rm, _rv, residual, stride, padding, dilation, groups, training, _mom, _eps,
+     relu, _store_z, _tf32, backend) = inputs
+    out, z, mean, invstd, new_rm, new_rv = output
+    ctx.save_for_backward(x, weight, bn_weight, z, out, mean, invstd)
+    ctx.conf = (stride, padding, dilation, groups, training, relu, backend)
+    ctx.bias_dtype = bn_bias.dtype if bn_bias is not None else None
+    ctx.mark_non_differentiable(z, mean, invstd, new_rm, new_rv)
+
+
+def _backward(ctx, gout, *_unused):
+    x, weight, bn_weight, z, out, mean, invstd = ctx.saved_tensors
+    stride, padding, dilation, groups, training, relu, backend = ctx.conf
+    nig = ctx.needs_input_grad
+    mask = [bool(nig[0]), bool(nig[1]), bool(nig[2]), bool(nig[3]), bool(nig[6])]
+    grads = [None] * 18
+    if any(mask):
+        res = torch.ops.resnet_fused.conv_bn_bwd(gout, x, weight, bn_weight, z, out, mean, invstd, stride, padding,
+                                                 dilation, groups, training, relu, mask, backend)
+        for slot, need, g in zip((0, 1, 2, 3, 6), mask, res):
+            if need:
+                grads[slot] = g.to(ctx.bias_dtype) if slot == 3 and ctx.bias_dtype is not None else g
+    return tuple(grads)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- public function ------------------------------------------------------------------------
+def _check_vec(name, t, K, x):
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{OP}: {name} must be a Tensor or None, got {type(t).__name__}")
+    if t.shape != (K,):
+        raise ValueError(f"{OP}: {name} must have shape ({K},) (one value per output channel), got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{OP}: {name} must be floating point, got {t.dtype}")
+    if t.device != x.device:
+        raise RuntimeError(f"{OP}: {name} is on {t.device} but x is on {x.device}")
+
+
+def conv_bn_relu(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                 running_mean: Optional[Tensor], running_var: Optional[Tensor], *, stride=1, padding=0, dilation=1,
+                 groups: int = 1, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+                 residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+    """Fused ``relu?(batch_norm(conv2d(x, weight)) + residual?)``.
+
+    Equals ``F.batch_norm(F.conv2d(x, weight, None, stride, padding, dilation, groups),
+    running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)``, plus
+    ``residual`` when given, then ReLU when ``relu``; when ``training`` the running
+    statistics (if given) are updated in place as ``F.batch_norm`` does. Differentiable in
+    ``x``, ``weight``, ``bn_weight``, ``bn_bias`` and ``residual``. The output is
+    channels_last. Under ``torch.autocast`` the convolution runs in the autocast dtype, as
+    ``conv2d`` does (BatchNorm parameters stay as they are).
+    """
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError(f"{OP}: x and weight must be Tensors")
+    if x.dim() != 4:
+        raise ValueError(f"{OP}: expected 4D input (got {x.dim()}D input)")
+    if weight.dim() != 4:
+        raise ValueError(f"{OP}: expected a 4D weight [K, C/groups, R, S] (got {weight.dim()}D)")
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"{OP}: stride and dilation must be >= 1 and padding >= 0, got stride={stride}, "
+                         f"padding={padding}, dilation={dilation}")
+    dev_type = x.device.type
+    if torch.is_autocast_enabled(dev_type) and x.is_floating_point():
+        dt = torch.get_autocast_dtype(dev_type)
+        x, weight = x.to(dt), weight.to(dt)
+        if residual is not None:
+            residual = residual.to(dt)
+    if not x.is_floating_point() or x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise RuntimeError(f"{OP}: input must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise RuntimeError(f"{OP}: input type ({x.dtype}) and weight type ({weight.dtype}) should be the same")
+    if weight.device != x.device:
+        raise RuntimeError(f"{OP}: input is on {x.device} but weight is on {weight.device}")
+    N, C, H, W = x.shape
+    K, Cg, R, S = weight.shape
+    if not isinstance(groups, int) or groups < 1 or C % groups or K % groups:
+        raise ValueError(f"{OP}: groups={groups} must be a positive int dividing in ({C}) and out ({K}) channels")
+    if Cg * groups != C:
+        raise RuntimeError(f"{OP}: given groups={groups}, weight of size {list(weight.shape)}, expected input"
+                           f"{list(x.shape)} to have {Cg * groups} channels, but got {C} channels instead")
+    P, Q = _out_size(H, W, R, S, stride, padding, dilation)
+    if P < 1 or Q < 1:
+        raise RuntimeError(f"{OP}: calculated output size ({K}x{P}x{Q}) is too small for input {list(x.shape)}")
+    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        _check_vec(name, t, K, x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{OP}: running_mean and running_var must both be given or both be None")
+    if not training and running_mean is None:
+        raise ValueError(f"{OP}: running_mean and running_var must be defined in evaluation mode")
+    if training and N * P * Q <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"torch.Size([{N}, {K}, {P}, {Q}])")
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"{OP}: residual must be a Tensor or None")
+        if tuple(residual.shape) != (N, K, P, Q):
+            raise ValueError(f"{OP}: residual has shape {tuple(residual.shape)} but the conv output has shape "
+                             f"{(N, K, P, Q)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"{OP}: residual has dtype {residual.dtype} but the input has dtype {x.dtype}")
+        if residual.device != x.device:
+            raise RuntimeError(f"{OP}: residual is on {residual.device} but x is on {x.device}")
+    backend = _backends.resolve(OP, x)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias, residual))
+    allow_tf32 = dev_type == "cuda" and torch.backends.cudnn.allow_tf32
+    out, _z, _mean, _invstd, new_rm, new_rv = _fwd_op(
+        x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation, groups,
+        bool(training), float(momentum), float(eps), bool(relu), needs_grad, allow_tf32, backend)
+    if training and running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(new_rm)
+            running_var.copy_(new_rv)
+    return out

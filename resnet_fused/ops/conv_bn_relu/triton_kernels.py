@@ -1,0 +1,397 @@
+"""Triton backend of conv + BatchNorm (+ residual) + ReLU.
+
+Activations are NHWC (channels_last): a conv output of shape [N, K, P, Q] is stored as
+an [M, K] row-major matrix, M = N*P*Q. The convolution is an implicit GEMM
+  out[m, k] = sum_{r, s, c} x[n, p*SH - PH + r*DH, q*SW - PW + s*DW, g*Cg + c] * w[k, r, s, c]
+with the input patch gathered on the fly (zero padding by masking), tensor cores through
+`tl.dot` and an fp32 (fp64 for fp64 inputs) accumulator. Its epilogue either
+  * eval:     applies the folded BatchNorm (scale, shift), the residual and ReLU, one store;
+  * training: stores the raw conv output z and this tile's per-channel mean and M2 (sum of
+              squared deviations from the tile mean), merged later with Chan's formula:
+              exact, deterministic (no atomics) and free of the E[z^2]-E[z]^2 cancellation.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..._triton import interpreting, tl, triton
+
+# Tiles used under the interpreter (CPU, numpy): one small config, no autotuning.
+_INTERP_CONV = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_C=16)
+_ELEM_BLOCK = 1024
+
+
+def _conv_configs():
+    cfgs = []
+    for bm, bn, bc, warps, stages in [
+        (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 3),
+        (64, 64, 32, 4, 4), (128, 64, 64, 8, 3), (64, 32, 32, 4, 3), (32, 32, 16, 4, 2),
+    ]:
+        cfgs.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc), num_warps=warps, num_stages=stages))
+    return cfgs
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr,  # [N, C, H, W] input, any strides (NHWC is the fast layout)
+    w_ptr,  # [K, R, S, Cg] weight, contiguous (channel fastest)
+    out_ptr,  # [M, K] output (eval epilogue)
+    z_ptr,  # [M, K] raw conv output (training, or eval when backward needs it)
+    scale_ptr, shift_ptr,  # [K] folded BatchNorm, accumulator dtype (eval)
+    res_ptr,  # [M, K] residual, NHWC dense (eval, HAS_RES)
+    pmean_ptr, pm2_ptr,  # [cdiv(M, BLOCK_M), K] per-tile mean / M2 (training)
+    C, H, W, K, P, Q, M, Cg, Kg,
+    sxn, sxc, sxh, sxw,
+    SH, SW, PH, PW, DH, DW,
+    R: tl.constexpr, S: tl.constexpr,
+    TRAINING: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STORE_Z: tl.constexpr,
+    IEEE: tl.constexpr,  # fp32 inputs: IEEE fp32 products instead of TF32
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)  # over groups x output-channel tiles of one group
+    tiles_per_group = tl.cdiv(Kg, BLOCK_N)
+    g = pid_n // tiles_per_group
+    offs_kg = (pid_n % tiles_per_group) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_mask = offs_kg < Kg
+    offs_k = g * Kg + offs_kg  # global output channel
+    # int64 row indices: N*P*Q*K may exceed 2^31.
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    q = offs_m % Q
+    t = offs_m // Q
+    p = t % P
+    n = t // P
+    h0 = p * SH - PH
+    w0 = q * SW - PW
+    x_row = x_ptr + n * sxn + (g * Cg) * sxc  # [BLOCK_M] pointers at (n, group's first channel)
+    w_col = w_ptr + offs_k.to(tl.int64) * (R * S * Cg)  # [BLOCK_N]
+    offs_c = tl.arange(0, BLOCK_C)
+
+    F64: tl.constexpr = x_ptr.dtype.element_ty == tl.float64
+    F32: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
+    if F64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for rs in range(0, R * S):
+        r = rs // S
+        s = rs % S
+        h = h0 + r * DH
+        w = w0 + s * DW
+        valid = m_mask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        a_row = x_row + h * sxh + w * sxw
+        b_col = w_col + rs * Cg
+        for c0 in range(0, Cg, BLOCK_C):
+            cc = c0 + offs_c
+            c_mask = cc < Cg
+            a = tl.load(a_row[:, None] + cc[None, :] * sxc, mask=valid[:, None] & c_mask[None, :], other=0.0)
+            b = tl.load(b_col[None, :] + cc[:, None], mask=c_mask[:, None] & k_mask[None, :], other=0.0)
+            if F64:
+                # fp64 (gradcheck) has no tensor-core path: exact products, summed in fp64.
+                acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+            elif F32:
+                if IEEE:
+                    acc = tl.dot(a, b, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, b, acc, input_precision="tf32")
+            else:
+                acc = tl.dot(a, b, acc)
+
+    mk = offs_m[:, None] * K + offs_k[None, :]
+    mask = m_mask[:, None] & k_mask[None, :]
+    if STORE_Z:
+        tl.store(z_ptr + mk, acc.to(z_ptr.dtype.element_ty), mask=mask)
+    if TRAINING:
+        # This tile's statistics of the exact accumulator: count, mean, M2.
+        cnt = tl.minimum(M - pid_m.to(tl.int64) * BLOCK_M, BLOCK_M).to(acc.dtype)
+        accm = tl.where(m_mask[:, None], acc, 0.0)
+        mean = tl.sum(accm, axis=0) / cnt
+        d = tl.where(m_mask[:, None], acc - mean[None, :], 0.0)
+        m2 = tl.sum(d * d, axis=0)
+        pidx = pid_m.to(tl.int64) * K + offs_k
+        tl.store(pmean_ptr + pidx, mean, mask=k_mask)
+        tl.store(pm2_ptr + pidx, m2, mask=k_mask)
+    else:
+        sc = tl.load(scale_ptr + offs_k, mask=k_mask, other=0.0)
+        sh = tl.load(shift_ptr + offs_k, mask=k_mask, other=0.0)
+        y = acc * sc[None, :] + sh[None, :]
+        if HAS_RES:
+            y += tl.load(res_ptr + mk, mask=mask, other=0.0).to(y.dtype)
+        if RELU:
+            y = tl.where(y < 0, 0.0, y)  # NaN stays NaN, as in torch.relu
+        tl.store(out_ptr + mk, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_conv_fwd_tuned = triton.autotune(
+    configs=_conv_configs(),
+    # Each config rewrites every output it owns (the statistics buffers are sized for the
+    # smallest BLOCK_M), so benchmarking configs on the live buffers is harmless.
+    key=["M", "K", "C", "Cg", "H", "W", "SH", "R", "S", "TRAINING", "HAS_RES"],
+)(_conv_fwd_kernel)
+
+_MIN_BLOCK_M = 32  # smallest BLOCK_M among the configs above and the interpreter's
+
+
+def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training, scale=None, shift=None,
+             residual=None, relu=True, store_z=False, ieee=True):
+    """Launch the implicit-GEMM conv with its fused epilogue.
+
+    Args:
+        x: [N, C, H, W] input (any strides).
+        w_krsc: [K, R, S, C // groups] contiguous weight.
+        scale, shift: [K] folded BatchNorm in the accumulator dtype (eval).
+        residual: [N, K, P, Q] channels_last-dense residual or None (eval).
+    Returns:
+        (out, z, pmean, pm2, rows_per_partial): out (eval) and z are [N, K, P, Q]
+        channels_last; pmean/pm2 are [G, K] per-tile statistics (training) over
+        rows_per_partial output pixels each (the last partial may hold fewer).
+    """
+    N, C, H, W = x.shape
+    _, R, S, Cg = w_krsc.shape
+    Kg = K // groups
+    M = N * P * Q
+    dev, dt = x.device, x.dtype
+    acc_dt = torch.float64 if dt == torch.float64 else torch.float32
+    cl = torch.channels_last
+    out = torch.empty((N, K, P, Q), device=dev, dtype=dt, memory_format=cl) if not training else None
+    z = torch.empty((N, K, P, Q), device=dev, dtype=dt, memory_format=cl) if (training or store_z) else None
+    interp = interpreting()
+    if interp or dt == torch.float64:
+        kernel, cfg = _conv_fwd_kernel, dict(_INTERP_CONV)
+        if dt == torch.float64 and not interp:
+            cfg.update(BLOCK_M=32, BLOCK_N=32, BLOCK_C=8)
+        block_m = cfg["BLOCK_M"]
+    else:
+        kernel, cfg, block_m = _conv_fwd_tuned, {}, None
+    pm = pm2 = None
+    if training:
+        # Sized for the smallest BLOCK_M; the launch below reports the BLOCK_M it used.
+        g_max = triton.cdiv(M, block_m or _MIN_BLOCK_M)
+        pm = torch.empty((g_max, K), device=dev, dtype=acc_dt)
+        pm2 = torch.empty((g_max, K), device=dev, dtype=acc_dt)
+    if M == 0:
+        return out, z, pm, pm2, block_m or _MIN_BLOCK_M
+    dummy = x  # never dereferenced when its flag is off
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), groups * triton.cdiv(Kg, meta["BLOCK_N"]))
+    kernel[grid](
+        x, w_krsc,
+        out if out is not None else dummy, z if z is not None else dummy,
+        scale if scale is not None else dummy, shift if shift is not None else dummy,
+        residual if residual is not None else dummy,
+        pm if pm is not None else dummy, pm2 if pm2 is not None else dummy,
+        C, H, W, K, P, Q, M, Cg, Kg,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        R=R, S=S, TRAINING=training, HAS_RES=residual is not None, RELU=relu, STORE_Z=z is not None,
+        IEEE=ieee, **cfg,
+    )
+    if block_m is None:
+        block_m = _conv_fwd_tuned.best_config.kwargs["BLOCK_M"]
+    if training:
+        g = triton.cdiv(M, block_m)
+        pm, pm2 = pm[:g], pm2[:g]
+    return out, z, pm, pm2, block_m
+
+
+@triton.jit
+def _bn_finalize_kernel(
+    pmean_ptr, pm2_ptr,  # [G, K] partial mean / M2, each over ROWS rows (last: the rest)
+    mean_ptr, invstd_ptr,  # [K] outputs, accumulator dtype
+    rmean_ptr, rvar_ptr,  # [K] running statistics (read)
+    nrmean_ptr, nrvar_ptr,  # [K] updated running statistics (written; UPDATE)
+    G, K, M, ROWS,
+    mom_hi, mom_lo, eps_hi, eps_lo,  # momentum and eps as fp32 (hi + lo) pairs: exact enough for fp64
+    UPDATE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    offs_g = tl.arange(0, BLOCK_G)
+    F64: tl.constexpr = mean_ptr.dtype.element_ty == tl.float64
+    if F64:
+        zero = tl.zeros((BLOCK_G, BLOCK_K), dtype=tl.float64)
+    else:
+        zero = tl.zeros((BLOCK_G, BLOCK_K), dtype=tl.float32)
+    # Chan's parallel merge: mean = sum(n_i mean_i) / M,  M2 = sum(M2_i + n_i (mean_i - mean)^2).
+    s = zero
+    for g0 in range(0, G, BLOCK_G):
+        gg = g0 + offs_g
+        msk = (gg < G)[:, None] & k_mask[None, :]
+        cnt = tl.minimum(M - gg.to(tl.int64) * ROWS, ROWS).to(zero.dtype)
+        pm = tl.load(pmean_ptr + gg[:, None].to(tl.int64) * K + offs_k[None, :], mask=msk, other=0.0)
+        s += tl.where(msk, cnt[:, None] * pm, 0.0)
+    # Promote the scalars through a vector of the accumulator dtype (exact: hi is an fp32 value).
+    zk = tl.sum(zero, axis=0)
+    Mf = zk + M
+    momentum = (zk + mom_hi) + mom_lo
+    eps = (zk + eps_hi) + eps_lo
+    mean = tl.sum(s, axis=0) / Mf
+    s2 = zero
+    for g0 in range(0, G, BLOCK_G):
+        gg = g0 + offs_g
+        msk = (gg < G)[:, None] & k_mask[None, :]
+        cnt = tl.minimum(M - gg.to(tl.int64) * ROWS, ROWS).to(zero.dtype)
+        idx = gg[:, None].to(tl.int64) * K + offs_k[None, :]
+        pm = tl.load(pmean_ptr + idx, mask=msk, other=0.0)
+        p2 = tl.load(pm2_ptr + idx, mask=msk, other=0.0)
+        d = pm - mean[None, :]
+        s2 += tl.where(msk, p2 + cnt[:, None] * d * d, 0.0)
+    var = tl.sum(s2, axis=0) / Mf  # biased: used to normalise
+    invstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(mean_ptr + offs_k, mean, mask=k_mask)
+    tl.store(invstd_ptr + offs_k, invstd, mask=k_mask)
+    if UPDATE:
+        # As F.batch_norm: running = (1 - momentum) * running + momentum * batch, unbiased variance.
+        rm = tl.load(rmean_ptr + offs_k, mask=k_mask).to(mean.dtype)
+        rv = tl.load(rvar_ptr + offs_k, mask=k_mask).to(mean.dtype)
+        unbiased = var * (Mf / (Mf - 1.0))
+        tl.store(nrmean_ptr + offs_k, ((1.0 - momentum) * rm + momentum * mean).to(nrmean_ptr.dtype.element_ty),
+                 mask=k_mask)
+        tl.store(nrvar_ptr + offs_k, ((1.0 - momentum) * rv + momentum * unbiased).to(nrvar_ptr.dtype.element_ty),
+                 mask=k_mask)
+
+
+def _split(v: float) -> tuple[float, float]:
+    """v as hi + lo, both exactly representable in fp32 (Triton passes float scalars as fp32)."""
+    hi = float(torch.tensor(v, dtype=torch.float32))
+    return hi, float(torch.tensor(v - hi, dtype=torch.float32))
+
+
+def bn_finalize(pmean, pm2, rows, M, running_mean, running_var, momentum, eps):
+    G, K = pmean.shape
+    mean = torch.empty(K, device=pmean.device, dtype=pmean.dtype)
+    invstd = torch.empty_like(mean)
+    update = running_mean is not None
+    new_rm = torch.empty_like(running_mean) if update else None
+    new_rv = torch.empty_like(running_var) if update else None
+    block_k = 32
+    _bn_finalize_kernel[(triton.cdiv(K, block_k),)](
+        pmean, pm2, mean, invstd,
+        running_mean if update else mean, running_var if update else mean,
+        new_rm if update else mean, new_rv if update else mean,
+        G, K, M, rows, *_split(momentum), *_split(eps),
+        UPDATE=update, BLOCK_G=32, BLOCK_K=block_k,
+    )
+    return mean, invstd, new_rm, new_rv
+
+
+@triton.jit
+def _bn_apply_kernel(
+    z_ptr,  # [M*K] conv output, NHWC dense
+    scale_ptr, shift_ptr,  # [K] accumulator dtype
+    res_ptr,  # [M*K] residual (HAS_RES)
+    out_ptr,  # [M*K]
+    n_elements, K,
+    HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    k = offs % K
+    sc = tl.load(scale_ptr + k, mask=mask, other=0.0)
+    y = tl.load(z_ptr + offs, mask=mask, other=0.0).to(sc.dtype) * sc + tl.load(shift_ptr + k, mask=mask, other=0.0)
+    if HAS_RES:
+        y += tl.load(res_ptr + offs, mask=mask, other=0.0).to(y.dtype)
+    if RELU:
+        y = tl.where(y < 0, 0.0, y)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def bn_apply(z, scale, shift, residual, relu):
+    """out = relu?(z * scale + shift + residual?) over NHWC-dense z (and residual)."""
+    out = torch.empty_like(z)
+    n = z.numel()
+    if n:
+        _bn_apply_kernel[(triton.cdiv(n, _ELEM_BLOCK),)](
+            z, scale, shift, residual if residual is not None else z, out, n, z.shape[1],
+            HAS_RES=residual is not None, RELU=relu, BLOCK=_ELEM_BLOCK)
+    return out
+
+
+@triton.jit
+def _bn_bwd_reduce_kernel(
+    grad_ptr,  # [M, K] upstream gradient, NHWC dense
+    out_ptr,  # [M, K] forward output (for the ReLU mask)
+    z_ptr,  # [M, K] conv output
+    mean_ptr,  # [K]
+    psum_ptr, psumz_ptr,  # [G, K] partial sums of gy and gy * (z - mean)
+    M, K, ROWS,
+    RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_g = tl.program_id(0)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    mean = tl.load(mean_ptr + offs_k, mask=k_mask, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=mean.dtype)
+    accz = tl.zeros((BLOCK_M, BLOCK_K), dtype=mean.dtype)
+    row0 = pid_g.to(tl.int64) * ROWS
+    for r0 in range(0, ROWS, BLOCK_M):
+        rows = row0 + r0 + tl.arange(0, BLOCK_M)
+        msk = (rows < M)[:, None] & k_mask[None, :]
+        idx = rows[:, None] * K + offs_k[None, :]
+        gy = tl.load(grad_ptr + idx, mask=msk, other=0.0).to(mean.dtype)
+        if RELU:
+            o = tl.load(out_ptr + idx, mask=msk, other=0.0)
+            gy = tl.where(o > 0, gy, 0.0)
+        zc = tl.load(z_ptr + idx, mask=msk, other=0.0).to(mean.dtype) - mean[None, :]
+        acc += gy
+        accz += tl.where(msk, gy * zc, 0.0)
+    pidx = pid_g.to(tl.int64) * K + offs_k
+    tl.store(psum_ptr + pidx, tl.sum(acc, axis=0), mask=k_mask)
+    tl.store(psumz_ptr + pidx, tl.sum(accz, axis=0), mask=k_mask)
+
+
+def bn_bwd_reduce(grad, out, z, mean, relu):
+    """Per-channel sum(gy) and sum(gy * (z - mean)), gy = grad masked by ReLU. Returns two [K] tensors."""
+    K = z.shape[1]
+    M = z.numel() // K if K else 0
+    rows = 32 if interpreting() else 256
+    G = max(1, triton.cdiv(M, rows))
+    psum = torch.zeros((G, K), device=z.device, dtype=mean.dtype)
+    psumz = torch.zeros_like(psum)
+    if M:
+        bk = 16 if interpreting() else 64
+        _bn_bwd_reduce_kernel[(G, triton.cdiv(K, bk))](
+            grad, out, z, mean, psum, psumz, M, K, rows, RELU=relu, BLOCK_M=min(rows, 32), BLOCK_K=bk)
+    # A fixed-order sum over the partials: deterministic.
+    return psum.sum(0), psumz.sum(0)
+
+
+@triton.jit
+def _bn_bwd_apply_kernel(
+    grad_ptr, out_ptr, z_ptr,  # [M*K] NHWC dense
+    mean_ptr, invstd_ptr, a_ptr, b_ptr, c_ptr,  # [K]
+    dz_ptr, gres_ptr,  # [M*K] outputs
+    n_elements, K,
+    RELU: tl.constexpr, STORE_GRES: tl.constexpr, USE_Z: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # dz = a * gy + b * xhat + c,  xhat = (z - mean) * invstd.  Training BatchNorm:
+    # a = gamma * invstd, b = -a * sum(gy * xhat) / M, c = -a * sum(gy) / M; eval: b = c = 0.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    k = offs % K
+    a = tl.load(a_ptr + k, mask=mask, other=0.0)
+    gy = tl.load(grad_ptr + offs, mask=mask, other=0.0)
+    if RELU:
+        o = tl.load(out_ptr + offs, mask=mask, other=0.0)
+        gy = tl.where(o > 0, gy, 0.0)
+    if STORE_GRES:
+        tl.store(gres_ptr + offs, gy.to(gres_ptr.dtype.element_ty), mask=mask)
+    dz = a * gy.to(a.dtype)
+    if USE_Z:
+        xhat = (tl.load(z_ptr + offs, mask=mask, other=0.0).to(a.dtype) - tl.load(mean_ptr + k, mask=mask, other=0.0)) \
+            * tl.load(invstd_ptr + k, mask=mask, other=0.0)
+        dz += tl.load(b_ptr + k, mask=mask, other=0.0) * xhat + tl.load(c_ptr + k, mask=mask, other=0.0)
+    tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+def bn_bwd_apply(grad, out, z, mean, invstd, a, b, c, relu, store_gres):
+    dz = torch.empty_like(grad)
+    gres = torch.empty_like(grad) if store_gres else None
+    n = grad.numel()
+    if n:
+        use_z = b is not None
+        _bn_bwd_apply_kernel[(triton.cdiv(n, _ELEM_BLOCK),)](
+            grad, out, z if use_z else grad, mean, invstd, a, b if use_z else a, c if use_z else a,
+            dz, gres if store_gres else dz, n, grad.shape[1],
+            RELU=relu, STORE_GRES=store_gres, USE_Z=use_z, BLOCK=_ELEM_BLOCK)
+    return dz, gres

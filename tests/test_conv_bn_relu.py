@@ -1,0 +1,357 @@
+"""conv_bn_relu on every backend against the eager composite (F.conv2d -> F.batch_norm
+-> add -> ReLU).
+
+Tolerances: fp32 runs with IEEE products (TF32 off), so differences come from summation
+order in the conv (tens of terms) amplified by 1/std in the normalisation: 1e-4 absolute
+and relative on O(1) outputs. fp64: 1e-10. fp16/bf16 are judged against the fp32 reference
+relative to PyTorch's own low-precision error: max|ours - ref32| <= 2 max|torch_lp - ref32| + tiny.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resnet_fused
+from resnet_fused import _triton
+from resnet_fused.functional import conv_bn_relu
+from resnet_fused.ops.conv_bn_relu import conv_bn_relu_reference
+
+from conftest import BACKEND_DEVICE, FUSED_BACKEND_DEVICE, assert_close
+
+# name: (C, K, H, W, kernel, stride, padding, dilation, groups)
+GEOMETRIES = {
+    "1x1s1": (8, 16, 5, 6, 1, 1, 0, 1, 1),
+    "1x1s2": (8, 16, 6, 7, 1, 2, 0, 1, 1),
+    "3x3s1": (8, 16, 5, 5, 3, 1, 1, 1, 1),
+    "3x3s2": (8, 16, 7, 6, 3, 2, 1, 1, 1),
+    "3x3d2": (8, 16, 6, 6, 3, 1, 2, 2, 1),
+    "7x7s2-stem": (3, 16, 11, 11, 7, 2, 3, 1, 1),
+    "3x3g8": (32, 32, 5, 5, 3, 1, 1, 1, 8),
+    "3x3g8s2": (32, 32, 6, 6, 3, 2, 1, 1, 8),
+}
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = prev
+
+
+def make(geom, device, dtype=torch.float32, N=2, seed=0, residual=True, affine=True):
+    C, K, H, W, k, s, p, d, g = GEOMETRIES[geom] if isinstance(geom, str) else geom
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=gen) * scale + shift).to(device=device, dtype=dtype)
+
+    x = r(N, C, H, W).to(memory_format=torch.channels_last)
+    w = r(K, C // g, k, k, scale=(C // g * k * k) ** -0.5)
+    P = (H + 2 * p - d * (k - 1) - 1) // s + 1
+    Q = (W + 2 * p - d * (k - 1) - 1) // s + 1
+    bn = dict(
+        bn_weight=r(K, scale=0.3, shift=1.0) if affine else None,
+        bn_bias=r(K, scale=0.3) if affine else None,
+        running_mean=r(K, scale=0.1).float() if dtype != torch.float64 else r(K, scale=0.1),
+        running_var=(torch.rand(K, generator=gen) + 0.5).to(device=device,
+                                                             dtype=torch.float64 if dtype == torch.float64 else torch.float32),
+    )
+    res = r(N, K, P, Q) if residual else None
+    conv = dict(stride=s, padding=p, dilation=d, groups=g)
+    return x, w, bn, res, conv
+
+
+def _bn_params_to(bn, dtype):
+    # As model.to(dtype) leaves them: every BatchNorm tensor in the low-precision dtype.
+    return {k: (v.to(dtype) if v is not None else v) for k, v in bn.items()}
+
+
+def run(backend, x, w, bn, res, conv, **kw):
+    bn = {k: (v.clone() if v is not None else None) for k, v in bn.items()}
+    with resnet_fused.use_backend(backend), resnet_fused.dispatch_trace() as trace:
+        out = conv_bn_relu(x, w, bn["bn_weight"], bn["bn_bias"], bn["running_mean"], bn["running_var"],
+                           residual=res, **conv, **kw)
+    assert trace and trace[0] == ("conv_bn_relu", backend), f"expected the {backend} path, trace={trace}"
+    return out, bn
+
+
+def ref(x, w, bn, res, conv, **kw):
+    bn = {k: (v.clone() if v is not None else None) for k, v in bn.items()}
+    out = conv_bn_relu_reference(x, w, bn["bn_weight"], bn["bn_bias"], bn["running_mean"], bn["running_var"],
+                                 residual=res, **conv, **kw)
+    return out, bn
+
+
+def _tol(dtype):
+    return (1e-10, 1e-10) if dtype == torch.float64 else (1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("case", BACKEND_DEVICE)
+@pytest.mark.parametrize("geom", list(GEOMETRIES))
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_forward_parity_fp32(case, geom, training):
+    backend, device = case
+    x, w, bn, res, conv = make(geom, device)
+    for kw in (dict(residual=res, relu=True), dict(residual=None, relu=False)):
+        r = kw.pop("residual")
+        out, bn_o = run(backend, x, w, bn, r, conv, training=training, **kw)
+        exp, bn_e = ref(x, w, bn, r, conv, training=training, **kw)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert_close(out, exp, *_tol(torch.float32), msg=f"{backend} {geom} {kw}")
+        # Running statistics: updated in training exactly as F.batch_norm does, untouched in eval.
+        assert_close(bn_o["running_mean"], bn_e["running_mean"], 1e-6, 1e-5)
+        assert_close(bn_o["running_var"], bn_e["running_var"], 1e-6, 1e-5)
+        if not training:
+            assert torch.equal(bn_o["running_mean"], bn["running_mean"])
+
+
+@pytest.mark.parametrize("case", BACKEND_DEVICE)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_forward_parity_fp64(case, training):
+    backend, device = case
+    x, w, bn, res, conv = make("3x3s2", device, torch.float64)
+    out, bn_o = run(backend, x, w, bn, res, conv, training=training)
+    exp, bn_e = ref(x, w, bn, res, conv, training=training)
+    assert_close(out, exp, *_tol(torch.float64))
+    assert_close(bn_o["running_var"], bn_e["running_var"], 1e-12, 1e-12)
+
+
+def _lowp_dtypes(device):
+    if device == "cpu" and _triton.interpreting():
+        return [torch.float16]  # numpy has no bfloat16
+    return [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("case", BACKEND_DEVICE)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_forward_low_precision(case, training):
+    backend, device = case
+    for dtype in _lowp_dtypes(device):
+        x, w, bn, res, conv = make("3x3s1", device, torch.float32, N=4)
+        exp32, _ = ref(x, w, bn, res, conv, training=training)
+        xl, wl, rl = x.to(dtype), w.to(dtype), res.to(dtype)
+        bnl = _bn_params_to(bn, dtype)
+        torch_lp, _ = ref(xl, wl, bnl, rl, conv, training=training)
+        out, _ = run(backend, xl, wl, bnl, rl, conv, training=training)
+        assert out.dtype == dtype
+        ours_err = (out.float() - exp32).abs().max().item()
+        torch_err = (torch_lp.float() - exp32).abs().max().item()
+        assert ours_err <= 2 * torch_err + 1e-3, f"{dtype}: ours {ours_err} vs torch {torch_err}"
+
+
+@pytest.mark.parametrize("case", BACKEND_DEVICE)
+def test_layouts_and_affine_options(case):
+    backend, device = case
+    x, w, bn, res, conv = make("3x3s2", device)
+    for name, xx, rr in [
+        ("nchw", x.contiguous(), res.contiguous()),
+        ("non-contiguous", x.contiguous()[:, :, :, :].transpose(2, 3).contiguous().transpose(2, 3), res[:, :, :, :]),
+        ("sliced-batch", torch.cat([x, x])[::2], res),
+    ]:
+        out, _ = run(backend, xx, w, bn, rr, conv, training=True)
+        exp, _ = ref(xx, w, bn, rr, conv, training=True)
+        assert_close(out, exp, 1e-4, 1e-4, msg=name)
+    # affine=False (no bn weight/bias), and training without running statistics.
+    x, w, bn, res, conv = make("1x1s1", device, affine=False)
+    bn_nostats = dict(bn, running_mean=None, running_var=None)
+    for b, training in [(bn, False), (bn, True), (bn_nostats, True)]:
+        out, _ = run(backend, x, w, b, res, conv, training=training)
+        exp, _ = ref(x, w, b, res, conv, training=training)
+        assert_close(out, exp, 1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("case", BACKEND_DEVICE)
+def test_running_stats_momentum(case):
+    backend, device = case
+    x, w, bn, res, conv = make("1x1s2", device)
+    for momentum in (0.1, 0.5, 1.0, 0.0):
+        _, bn_o = run(backend, x, w, bn, res, conv, training=True, momentum=momentum, eps=1e-3)
+        _, bn_e = ref(x, w, bn, res, conv, training=True, momentum=momentum, eps=1e-3)
+        assert_close(bn_o["running_mean"], bn_e["running_mean"], 1e-6, 1e-5, msg=f"momentum={momentum}")
+        assert_close(bn_o["running_var"], bn_e["running_var"], 1e-6, 1e-5, msg=f"momentum={momentum}")
+
+
+@pytest.mark.parametrize("case", BACKEND_DEVICE)
+def test_large_mean_statistics_are_stable(case):
+    # A channel mean far above its spread: E[z^2] - E[z]^2 in fp32 would lose every digit.
+    backend, device = case
+    x, w, bn, res, conv = make("1x1s1", device)
+    x = (x + 300.0).contiguous(memory_format=torch.channels_last)
+    out, bn_o = run(backend, x, w, bn, None, conv, training=True, relu=False)
+    exp, bn_e = ref(x.double(), w.double(), {k: v.double() for k, v in bn.items()}, None, conv, training=True,
+                    relu=False)
+    assert_close(out.double(), exp, 2e-2, 1e-3)  # conv of inputs ~300 in fp32: ~1e-5 relative error
+    assert_close(bn_o["running_var"].double(), bn_e["running_var"], 1e-3, 1e-3)
+
+
+@pytest.mark.parametrize("case", BACKEND_DEVICE)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("geom", ["3x3s2", "3x3g8s2", "7x7s2-stem"])
+def test_backward_parity_fp32(case, training, geom):
+    backend, device = case
+    x, w, bn, res, conv = make(geom, device)
+    leaves = [x, w, bn["bn_weight"], bn["bn_bias"], res]
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    xg, wg, gg, bg, rg = leaves
+    bnp = dict(bn, bn_weight=gg, bn_bias=bg)
+    gout = torch.randn(res.shape, device=device)
+    with resnet_fused.use_backend(backend), resnet_fused.dispatch_trace() as trace:
+        out = conv_bn_relu(xg, wg, gg, bg, bn["running_mean"].clone(), bn["running_var"].clone(), residual=rg,
+                           training=training, **conv)
+        got = torch.autograd.grad(out, leaves, gout)
+    assert ("conv_bn_relu_backward", backend) in trace
+    exp_out = conv_bn_relu_reference(xg, wg, gg, bg, bn["running_mean"].clone(), bn["running_var"].clone(),
+                                     residual=rg, training=training, **conv)
+    exp = torch.autograd.grad(exp_out, leaves, gout)
+    for name, a, e in zip(["x", "weight", "bn_weight", "bn_bias", "residual"], got, exp):
+        assert_close(a, e, 1e-4, 1e-3, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("case", BACKEND_DEVICE)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_gradcheck_float64(case, training):
+    backend, device = case
+    fast = device == "cpu" and backend == "triton"
+    geom = (4, 4, 4, 4, 3, 2, 1, 1, 2)  # grouped, strided, padded
+    x, w, bn, res, conv = make(geom, device, torch.float64, N=2)
+    rm, rv = bn["running_mean"], bn["running_var"]
+
+    def f(x, w, g, b, r):
+        return conv_bn_relu(x, w, g, b, rm.clone(), rv.clone(), residual=r, training=training, **conv)
+
+    inputs = [t.detach().clone().requires_grad_() for t in (x, w, bn["bn_weight"], bn["bn_bias"], res)]
+    with resnet_fused.use_backend(backend):
+        assert torch.autograd.gradcheck(f, inputs, fast_mode=fast, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", BACKEND_DEVICE)
+def test_gradcheck_without_relu_and_residual(case):
+    backend, device = case
+    fast = device == "cpu" and backend == "triton"
+    x, w, bn, _, conv = make((4, 4, 3, 3, 1, 1, 0, 1, 1), device, torch.float64, N=2, residual=False)
+
+    def f(x, w, g, b):
+        return conv_bn_relu(x, w, g, b, None, None, training=True, relu=False, **conv)
+
+    inputs = [t.detach().clone().requires_grad_() for t in (x, w, bn["bn_weight"], bn["bn_bias"])]
+    with resnet_fused.use_backend(backend):
+        assert torch.autograd.gradcheck(f, inputs, fast_mode=fast)
+
+
+@pytest.mark.parametrize("case", BACKEND_DEVICE)
+def test_opcheck(case):
+    backend, device = case
+    x, w, bn, res, conv = make((4, 8, 4, 4, 3, 1, 1, 1, 1), device)
+    cfg = [[conv["stride"]] * 2, [conv["padding"]] * 2, [conv["dilation"]] * 2, conv["groups"]]
+    x.requires_grad_()
+    w.requires_grad_()
+    for training in (False, True):
+        args = (x, w, bn["bn_weight"], bn["bn_bias"], bn["running_mean"], bn["running_var"], res, *cfg, training, 0.1,
+                1e-5, True, True, False, backend)
+        torch.library.opcheck(torch.ops.resnet_fused.conv_bn_fwd.default, args,
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("case", FUSED_BACKEND_DEVICE)
+def test_torch_compile_fullgraph_training(case):
+    backend, device = case
+    torch._dynamo.reset()
+    x, w, bn, res, conv = make("3x3s1", device)
+    w.requires_grad_()
+    rm1, rv1 = bn["running_mean"].clone(), bn["running_var"].clone()
+    rm2, rv2 = bn["running_mean"].clone(), bn["running_var"].clone()
+
+    def f(x, w, rm, rv):
+        return conv_bn_relu(x, w, bn["bn_weight"], bn["bn_bias"], rm, rv, residual=res, training=True, **conv)
+
+    with resnet_fused.use_backend(backend):
+        out = torch.compile(f, fullgraph=True)(x, w, rm1, rv1)
+        (gw,) = torch.autograd.grad(out.sum(), w)
+        exp = f(x, w, rm2, rv2)
+        (ew,) = torch.autograd.grad(exp.sum(), w)
+    assert_close(out, exp, 1e-5, 1e-5)
+    assert_close(gw, ew, 1e-4, 1e-4)
+    assert_close(rm1, rm2, 1e-6, 1e-6)  # the running-stat update survives compilation
+    assert not torch.equal(rm1, bn["running_mean"])
+
+
+@pytest.mark.parametrize("case", [c for c in BACKEND_DEVICE if c.values[0] == ("reference", "cpu")] +
+                         [c for c in BACKEND_DEVICE if c.values[0][1] == "cuda"])
+def test_autocast(case):
+    backend, device = case
+    x, w, bn, res, conv = make("3x3s1", device)
+    lp = torch.bfloat16 if device == "cpu" else torch.float16
+    with torch.autocast(device_type=device, dtype=lp):
+        out, _ = run(backend, x, w, bn, res.to(lp), conv, training=True)
+        exp_conv = F.conv2d(x, w, None, **conv)
+    assert out.dtype == lp == exp_conv.dtype
+    exp, _ = ref(x, w, bn, res, conv, training=True)
+    assert (out.float() - exp).abs().max().item() < 0.1
+
+
+@pytest.mark.parametrize("case", BACKEND_DEVICE)
+def test_empty_batch(case):
+    backend, device = case
+    x, w, bn, res, conv = make("3x3s1", device, N=0)
+    out, _ = run(backend, x, w, bn, res, conv, training=False)
+    assert out.shape == (0, 16, 5, 5)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        run(backend, x, w, bn, res, conv, training=True)
+
+
+# --- bad input ------------------------------------------------------------------------------
+def _args():
+    x, w, bn, res, conv = make("3x3s1", "cpu")
+    return x, w, bn, res, conv
+
+
+def _call(x, w, bn, **kw):
+    return conv_bn_relu(x, w, bn["bn_weight"], bn["bn_bias"], bn["running_mean"], bn["running_var"], **kw)
+
+
+def test_single_value_per_channel_in_training_matches_batch_norm():
+    x, w, bn, _, _ = _args()
+    x1 = x[:1, :, :1, :1]
+    with pytest.raises(ValueError) as ours:
+        _call(x1, w[:, :, :1, :1], bn, training=True)
+    with pytest.raises(ValueError) as theirs:
+        F.batch_norm(torch.zeros(1, 16, 1, 1), None, None, training=True)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_bad_inputs():
+    x, w, bn, res, conv = _args()
+    with pytest.raises(ValueError, match="expected 4D input"):
+        _call(x[0], w, bn, **conv)
+    with pytest.raises(RuntimeError, match="to have 8 channels, but got 7 channels"):
+        _call(x[:, :7], w, bn, **conv)
+    with pytest.raises(RuntimeError, match="input type .* and weight type"):
+        _call(x.double(), w, bn, **conv)
+    with pytest.raises(RuntimeError, match="must be float32, float64, float16 or bfloat16"):
+        _call(x.to(torch.uint8), w.to(torch.uint8), bn, **conv)
+    with pytest.raises(ValueError, match=r"residual has shape \(2, 16, 4, 4\)"):
+        _call(x, w, bn, residual=res[:, :, :4, :4], **conv)
+    with pytest.raises(ValueError, match=r"bn_weight must have shape \(16,\)"):
+        _call(x, w, dict(bn, bn_weight=bn["bn_weight"][:3]), **conv)
+    with pytest.raises(ValueError, match="must be defined in evaluation mode"):
+        _call(x, w, dict(bn, running_mean=None, running_var=None), **conv)
+    with pytest.raises(RuntimeError, match="too small"):
+        _call(x[:, :, :2, :2], w, bn, stride=1, padding=0)
+    with pytest.raises(ValueError, match="groups=3"):
+        _call(x, w, bn, stride=1, padding=1, groups=3)
+    with pytest.raises(ValueError, match="stride and dilation must be >= 1"):
+        _call(x, w, bn, stride=0, padding=1)
+    with pytest.raises(TypeError, match="padding must be an int or a pair"):
+        _call(x, w, bn, padding="same")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("not torch.cuda.is_available()", reason="no CUDA GPU")
+def test_device_mismatch():
+    x, w, bn, res, conv = _args()
+    with pytest.raises(RuntimeError, match="weight is on cuda"):
+        _call(x, w.cuda(), bn, **conv)
+    with pytest.raises(RuntimeError, match="residual is on cuda"):
+        _call(x, w, bn, residual=res.cuda(), **conv)
