@@ -10,7 +10,22 @@ from . import functional
 
 __version__ = "0.1.0"
 
-__all__ = [
+_MODEL_NAMES = ("ResNet", "BasicBlock", "Bottleneck", "fuse", "resnet18", "resnet34", "resnet50", "resnet101",
+                "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2",
+                "wide_resnet101_2")
+
+
+def __getattr__(name):
+    # The models need torchvision: import it on first use, not with the package.
+    if name in _MODEL_NAMES or name == "models":
+        import importlib
+
+        models = importlib.import_module("resnet_fused.models")
+        return models if name == "models" else getattr(models, name)
+    raise AttributeError(f"module 'resnet_fused' has no attribute {name!r}")
+
+
+__all__ = list(_MODEL_NAMES) + [
     "available_backends",
     "dispatch_trace",
     "functional",

@@ -29,6 +29,8 @@ GEOMETRIES = {
     "7x7s2-stem": (3, 16, 11, 11, 7, 2, 3, 1, 1),
     "3x3g8": (32, 32, 5, 5, 3, 1, 1, 1, 8),
     "3x3g8s2": (32, 32, 6, 6, 3, 2, 1, 1, 8),
+    # several tiles in every GEMM dimension (M, K and the C loop) at the interpreter's tile sizes
+    "3x3-multitile": (40, 48, 6, 6, 3, 1, 1, 1, 1),
 }
 
 

@@ -53,6 +53,8 @@ def conv_fwd(x, weight, K, P, Q, stride, padding, dilation, groups, *, training,
     if training:
         pm, pm2, rows = stats(z)
         return None, z, pm, pm2, rows
+    if scale is None:  # folded into the weight: shift is the bias
+        scale = torch.ones_like(shift)
     out = (apply or bn_apply)(z, scale, shift, residual, relu)
     return out, (z if store_z else None), None, None, 0
 

@@ -16,8 +16,11 @@ import torch
 
 from ..._triton import interpreting, tl, triton
 
-# Tiles used under the interpreter (CPU, numpy): one small config, no autotuning.
-_INTERP_CONV = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_C=16)
+# Tiles used under the interpreter (CPU, numpy), no autotuning: small tiles for small problems
+# (so that tests cross tile boundaries in every dimension), large ones otherwise (the
+# interpreter's cost is per program and per loop iteration, not per element).
+_INTERP_SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_C=16)
+_INTERP_LARGE = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_C=64)
 _ELEM_BLOCK = 1024
 
 
@@ -45,6 +48,7 @@ def _conv_fwd_kernel(
     SH, SW, PH, PW, DH, DW,
     R: tl.constexpr, S: tl.constexpr,
     TRAINING: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STORE_Z: tl.constexpr,
+    HAS_SCALE: tl.constexpr,  # eval: False when the scale is folded into the weight (shift = bias)
     IEEE: tl.constexpr,  # fp32 inputs: IEEE fp32 products instead of TF32
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -113,9 +117,12 @@ def _conv_fwd_kernel(
         tl.store(pmean_ptr + pidx, mean, mask=k_mask)
         tl.store(pm2_ptr + pidx, m2, mask=k_mask)
     else:
-        sc = tl.load(scale_ptr + offs_k, mask=k_mask, other=0.0)
         sh = tl.load(shift_ptr + offs_k, mask=k_mask, other=0.0)
-        y = acc * sc[None, :] + sh[None, :]
+        if HAS_SCALE:
+            sc = tl.load(scale_ptr + offs_k, mask=k_mask, other=0.0)
+            y = acc * sc[None, :] + sh[None, :]
+        else:
+            y = acc + sh[None, :]
         if HAS_RES:
             y += tl.load(res_ptr + mk, mask=mask, other=0.0).to(y.dtype)
         if RELU:
@@ -127,10 +134,10 @@ _conv_fwd_tuned = triton.autotune(
     configs=_conv_configs(),
     # Each config rewrites every output it owns (the statistics buffers are sized for the
     # smallest BLOCK_M), so benchmarking configs on the live buffers is harmless.
-    key=["M", "K", "C", "Cg", "H", "W", "SH", "R", "S", "TRAINING", "HAS_RES"],
+    key=["M", "K", "C", "Cg", "H", "W", "SH", "R", "S", "TRAINING", "HAS_RES", "HAS_SCALE"],
 )(_conv_fwd_kernel)
 
-_MIN_BLOCK_M = 32  # smallest BLOCK_M among the configs above and the interpreter's
+_MIN_BLOCK_M = 16  # smallest BLOCK_M among the configs above and the interpreter's
 
 
 def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training, scale=None, shift=None,
@@ -158,7 +165,8 @@ def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training,
     z = torch.empty((N, K, P, Q), device=dev, dtype=dt, memory_format=cl) if (training or store_z) else None
     interp = interpreting()
     if interp or dt == torch.float64:
-        kernel, cfg = _conv_fwd_kernel, dict(_INTERP_CONV)
+        small = M * K <= 64 * 64 * 4 and Cg <= 64
+        kernel, cfg = _conv_fwd_kernel, dict(_INTERP_SMALL if small else _INTERP_LARGE)
         if dt == torch.float64 and not interp:
             cfg.update(BLOCK_M=32, BLOCK_N=32, BLOCK_C=8)
         block_m = cfg["BLOCK_M"]
@@ -184,7 +192,7 @@ def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         R=R, S=S, TRAINING=training, HAS_RES=residual is not None, RELU=relu, STORE_Z=z is not None,
-        IEEE=ieee, **cfg,
+        HAS_SCALE=scale is not None, IEEE=ieee, **cfg,
     )
     if block_m is None:
         block_m = _conv_fwd_tuned.best_config.kwargs["BLOCK_M"]

@@ -1,0 +1,224 @@
+"""torchvision's ResNet family, with every conv + BatchNorm (+ residual) + ReLU run as one
+fused operator.
+
+The classes subclass torchvision's ``ResNet``, ``BasicBlock`` and ``Bottleneck`` and only
+replace ``forward``: constructor arguments, module names, parameters, buffers and hence the
+state_dict are torchvision's own, and :func:`fuse` converts an existing torchvision model
+in place by switching the classes of its blocks (sharing every parameter).
+
+Per conv + BatchNorm pair:
+  * training, or eval with gradients needed: ``conv_bn_relu`` (batch statistics and
+    running-stat updates exactly as ``nn.BatchNorm2d``, including ``momentum=None``).
+  * eval without gradients: the BatchNorm folded into the conv weight once, in fp32, and
+    cached on the conv module; refreshed when any of the tensors involved changes (version
+    counters, storage, dtype), so a forward does no host work but launching kernels.
+A block whose norm layer is not ``nn.BatchNorm2d`` / ``FrozenBatchNorm2d``, or whose convs
+are not plain bias-free zero-padded convs, runs torchvision's own forward instead.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torchvision import models as tvm
+from torchvision.models import resnet as tvr
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from ..ops.conv_bn_relu import conv_bn_relu
+from ..ops.conv_bn_relu.inference import conv_affine_act, fold_bn
+
+__all__ = ["ResNet", "BasicBlock", "Bottleneck", "fuse"]
+
+
+# --- one conv + norm pair ---------------------------------------------------------------------
+def _fusable_conv(conv) -> bool:
+    return (type(conv) is nn.Conv2d and conv.bias is None and conv.padding_mode == "zeros"
+            and isinstance(conv.padding, tuple))
+
+
+def _fusable(conv, bn) -> bool:
+    return _fusable_conv(conv) and (type(bn) in (nn.BatchNorm2d, FrozenBatchNorm2d))
+
+
+def _bn_state(bn):
+    """(use batch statistics, momentum factor, running_mean, running_var) as nn.BatchNorm2d's
+    forward computes them, including its num_batches_tracked side effect."""
+    if isinstance(bn, FrozenBatchNorm2d):
+        return False, 0.0, bn.running_mean, bn.running_var
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    return use_batch, factor, (bn.running_mean if track else None), (bn.running_var if track else None)
+
+
+def _bn_weight(bn):
+    return getattr(bn, "weight", None), getattr(bn, "bias", None)
+
+
+def _grad_needed(x, conv, bn) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    g, b = _bn_weight(bn)
+    return x.requires_grad or conv.weight.requires_grad or any(t is not None and t.requires_grad for t in (g, b))
+
+
+def _folded(conv, bn, dtype):
+    """The cached (weight', bias) for this conv + BatchNorm in ``dtype``."""
+    g, b = _bn_weight(bn)
+    srcs = [conv.weight, g, b, bn.running_mean, bn.running_var]
+    if torch.compiler.is_compiling():  # let the compiler fold (and fuse) it in the graph
+        return fold_bn(conv.weight, g, b, bn.running_mean, bn.running_var, bn.eps, dtype)
+    key = (dtype, bn.eps) + tuple((t._version, t.data_ptr(), t.dtype) if t is not None else None for t in srcs)
+    cache = conv.__dict__.get("_rf_fold")
+    if cache is None or cache[0] != key:
+        cache = (key, *fold_bn(conv.weight, g, b, bn.running_mean, bn.running_var, bn.eps, dtype))
+        conv.__dict__["_rf_fold"] = cache
+    return cache[1], cache[2]
+
+
+def _autocast_dtype(x):
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.is_floating_point():
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def conv_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor, residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+    """``relu?(bn(conv(x)) + residual?)`` through the fused operators (the pair must be fusable)."""
+    use_batch, momentum, rm, rv = _bn_state(bn)
+    g, b = _bn_weight(bn)
+    if not use_batch and not _grad_needed(x, conv, bn) and x.dim() == 4 and x.shape[1] == conv.in_channels:
+        dt = _autocast_dtype(x)
+        if dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            w, bias = _folded(conv, bn, dt)
+            if x.dtype != dt:
+                x = x.to(dt)
+            if residual is not None and residual.dtype != dt:
+                residual = residual.to(dt)
+            if residual is None or residual.dtype == dt:
+                return conv_affine_act(x, w, None, bias, residual, conv.stride, conv.padding, conv.dilation,
+                                       conv.groups, relu)
+    return conv_bn_relu(x, conv.weight, g, b, rm, rv, stride=conv.stride, padding=conv.padding,
+                        dilation=conv.dilation, groups=conv.groups, training=use_batch, momentum=momentum,
+                        eps=bn.eps, residual=residual, relu=relu)
+
+
+def _downsample(ds: Optional[nn.Module], x: Tensor) -> Tensor:
+    if ds is None:
+        return x
+    if isinstance(ds, nn.Sequential) and len(ds) == 2 and _fusable(ds[0], ds[1]):
+        return conv_bn(ds[0], ds[1], x, relu=False)
+    return ds(x)
+
+
+# --- blocks -------------------------------------------------------------------------------------
+class BasicBlock(tvr.BasicBlock):
+    """torchvision's BasicBlock: conv-bn-relu, conv-bn (+identity) -relu, as two fused ops."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (_fusable(self.conv1, self.bn1) and _fusable(self.conv2, self.bn2)):
+            return super().forward(x)
+        out = conv_bn(self.conv1, self.bn1, x, relu=True)
+        identity = _downsample(self.downsample, x)
+        return conv_bn(self.conv2, self.bn2, out, residual=identity, relu=True)
+
+
+class Bottleneck(tvr.Bottleneck):
+    """torchvision's Bottleneck (stride on the 3x3, ResNet v1.5), as three fused ops."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (_fusable(self.conv1, self.bn1) and _fusable(self.conv2, self.bn2)
+                and _fusable(self.conv3, self.bn3)):
+            return super().forward(x)
+        out = conv_bn(self.conv1, self.bn1, x, relu=True)
+        out = conv_bn(self.conv2, self.bn2, out, relu=True)
+        identity = _downsample(self.downsample, x)
+        return conv_bn(self.conv3, self.bn3, out, residual=identity, relu=True)
+
+
+_BLOCKS = {tvr.BasicBlock: BasicBlock, tvr.Bottleneck: Bottleneck}
+
+
+class ResNet(tvr.ResNet):
+    """torchvision's ResNet with a fused stem (conv 7x7 + BN + ReLU); torchvision blocks
+    passed as ``block`` are replaced by the fused ones."""
+
+    def __init__(self, block, layers, *args, **kwargs):
+        super().__init__(_BLOCKS.get(block, block), layers, *args, **kwargs)
+
+    def _forward_impl(self, x: Tensor) -> Tensor:
+        if _fusable(self.conv1, self.bn1) and isinstance(self.relu, nn.ReLU):
+            x = conv_bn(self.conv1, self.bn1, x, relu=True)
+        else:
+            x = self.relu(self.bn1(self.conv1(x)))
+        x = self.maxpool(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.fc(x)
+
+
+def fuse(model: nn.Module) -> nn.Module:
+    """Convert, in place, a torchvision ResNet (or any module holding torchvision
+    BasicBlock / Bottleneck modules) to the fused classes. Parameters are shared (nothing
+    is copied), the state_dict is unchanged, and the same object is returned."""
+    for m in model.modules():
+        t = type(m)
+        if t in _BLOCKS:
+            m.__class__ = _BLOCKS[t]
+        elif t is tvr.ResNet:
+            m.__class__ = ResNet
+    return model
+
+
+# --- constructors -----------------------------------------------------------------------------
+def _is_path(weights) -> bool:
+    return isinstance(weights, os.PathLike) or (isinstance(weights, str) and (
+        os.path.sep in weights or weights.endswith((".pt", ".pth")) or os.path.exists(weights)))
+
+
+def _build(tv_builder, weights, progress, kwargs):
+    if weights is not None and _is_path(weights):
+        model = tv_builder(weights=None, progress=progress, **kwargs)
+        state = torch.load(os.fspath(weights), map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        model.load_state_dict(state, strict=True)
+    else:  # None, a torchvision weights enum, or its name: torchvision resolves (and downloads) it
+        model = tv_builder(weights=weights, progress=progress, **kwargs)
+    return fuse(model)
+
+
+def _make(name):
+    tv_builder = getattr(tvm, name)
+
+    def builder(*, weights=None, progress: bool = True, **kwargs) -> ResNet:
+        return _build(tv_builder, weights, progress, kwargs)
+
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = (f"``torchvision.models.{name}`` on the fused operators. Same arguments: ``weights`` (a "
+                       f"torchvision weights enum or its name, or a path to a saved state_dict), ``progress`` "
+                       f"and ``**kwargs`` for :class:`ResNet` (num_classes, zero_init_residual, groups, "
+                       f"width_per_group, replace_stride_with_dilation, norm_layer).")
+    return builder
+
+
+resnet18 = _make("resnet18")
+resnet34 = _make("resnet34")
+resnet50 = _make("resnet50")
+resnet101 = _make("resnet101")
+resnet152 = _make("resnet152")
+resnext50_32x4d = _make("resnext50_32x4d")
+resnext101_32x8d = _make("resnext101_32x8d")
+resnext101_64x4d = _make("resnext101_64x4d")
+wide_resnet50_2 = _make("wide_resnet50_2")
+wide_resnet101_2 = _make("wide_resnet101_2")

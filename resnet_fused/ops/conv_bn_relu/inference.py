@@ -1,0 +1,75 @@
+"""Inference-only conv + per-channel affine (+ residual) + ReLU: the eval path of the
+fused ResNet blocks, with the BatchNorm already folded (see :func:`fold_bn`).
+
+No autograd: the models call it only when no gradient is needed; anything else goes
+through the differentiable ``conv_bn_relu``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ... import _backends
+from .reference import CL, acc_dtype
+
+OP = "conv_affine_act"
+
+
+def fold_bn(weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], running_mean: Tensor,
+            running_var: Tensor, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """BatchNorm folded into the conv, computed in fp32 (fp64 for fp64):
+    ``w' = w * gamma / sqrt(var + eps)`` (in ``dtype``, channels_last) and
+    ``bias = beta - mean * gamma / sqrt(var + eps)`` (accumulator dtype)."""
+    acc = acc_dtype(dtype)
+    K = weight.shape[0]
+    with torch.no_grad():
+        scale = torch.rsqrt(running_var.to(acc) + eps)
+        if bn_weight is not None:
+            scale = scale * bn_weight.to(acc)
+        bias = -running_mean.to(acc) * scale
+        if bn_bias is not None:
+            bias = bias + bn_bias.to(acc)
+        w = (weight.to(acc) * scale.view(K, 1, 1, 1)).to(dtype).contiguous(memory_format=CL)
+    return w, bias.contiguous()
+
+
+@torch.library.custom_op("resnet_fused::conv_affine_act", mutates_args=())
+def conv_affine_act_op(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Tensor, residual: Optional[Tensor],
+                       stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
+                       allow_tf32: bool, backend: str) -> Tensor:
+    """relu?(conv(x, weight) * scale? + shift + residual?), output channels_last."""
+    from . import _IMPLS, _in_layout, _out_size
+
+    _backends.note(OP, backend)
+    N, C, H, W = x.shape
+    K, _, R, S = weight.shape
+    P, Q = _out_size(H, W, R, S, stride, padding, dilation)
+    if residual is not None:
+        residual = _in_layout(residual, residual.shape, CL)
+    w = weight.permute(0, 2, 3, 1).contiguous() if backend == "triton" else weight
+    out, _, _, _, _ = _IMPLS[backend].conv_fwd(x, w, K, P, Q, stride, padding, dilation, groups, training=False,
+                                               scale=scale, shift=shift, residual=residual, relu=relu,
+                                               ieee=not allow_tf32)
+    return _in_layout(out, (N, K, P, Q), CL)
+
+
+@conv_affine_act_op.register_fake
+def _(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, allow_tf32, backend):
+    from . import _out_size
+
+    N, C, H, W = x.shape
+    K, _, R, S = weight.shape
+    P, Q = _out_size(H, W, R, S, stride, padding, dilation)
+    return torch.empty((N, K, P, Q), dtype=x.dtype, device=x.device, memory_format=CL)
+
+
+def conv_affine_act(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Tensor, residual: Optional[Tensor],
+                    stride, padding, dilation, groups: int, relu: bool) -> Tensor:
+    """Inference-only fused conv; arguments as :func:`conv_bn_relu` after :func:`fold_bn`
+    (callers validate shapes: the models do so through the module structure)."""
+    backend = _backends.resolve(OP, x)
+    allow_tf32 = x.device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    return conv_affine_act_op(x, weight, scale, shift, residual, list(stride), list(padding), list(dilation), groups,
+                              relu, allow_tf32, backend)

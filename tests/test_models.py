@@ -1,0 +1,402 @@
+"""The fused ResNet family against torchvision: constructors, state_dict, eval and
+training parity, fuse(), caching of the folded BatchNorm, compile, autocast, bad input.
+
+Reference backend on the CPU for the full-size models; the Triton kernels (under the
+interpreter in CI) on a small network of torchvision blocks.
+Tolerances: eval logits within 1e-4 of torchvision's relative to their scale (different
+summation order, BatchNorm folded into the weights in fp32). Several SGD steps are compared
+in float64 (1e-7 of each tensor's scale): in float32 two *correct* implementations differ too much to compare
+gradients (torchvision against itself on channels_last input: up to 37% max-relative
+difference in a ResNet-50 weight gradient after one step at this size, 0.05 in the loss
+after 3 ResNet-18 steps: BatchNorm over few values amplifies rounding), so only float64
+can tell a semantic difference from rounding. In float32 the training-mode loss is compared.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.models import resnet as tvr
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+import resnet_fused
+from resnet_fused import models as rfm
+
+from conftest import BACKEND_DEVICE, assert_close
+
+NAMES = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
+         "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = prev
+
+
+def pair(name, seed=0, **kw):
+    torch.manual_seed(seed)
+    ours = getattr(resnet_fused, name)(**kw)
+    torch.manual_seed(seed)
+    theirs = getattr(torchvision.models, name)(**kw)
+    return ours, theirs
+
+
+def rel_close(a, b, tol=1e-4):
+    scale = b.abs().max().item() + 1e-12
+    err = (a - b).abs().max().item()
+    assert err <= tol * scale, f"max error {err} vs scale {scale}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_constructor_state_dict_and_eval_parity(name):
+    ours, theirs = pair(name, num_classes=7)
+    assert isinstance(ours, rfm.ResNet) and isinstance(ours, tvr.ResNet)
+    so, st = ours.state_dict(), theirs.state_dict()
+    assert list(so) == list(st)
+    for k in st:
+        assert so[k].shape == st[k].shape and so[k].dtype == st[k].dtype, k
+        assert torch.equal(so[k], st[k]), k  # same seed -> same initialisation
+    ours.load_state_dict(st, strict=True)
+    theirs.load_state_dict(so, strict=True)
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad(), resnet_fused.use_backend("reference"), resnet_fused.dispatch_trace() as trace:
+        out = ours(x)
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in ours.modules())
+    assert trace.count(("conv_affine_act", "reference")) == n_convs  # every conv + BN ran fused
+    with torch.no_grad():
+        rel_close(out, theirs(x))
+
+
+def test_constructor_arguments():
+    kw = dict(num_classes=3, zero_init_residual=True, replace_stride_with_dilation=[False, True, True],
+              width_per_group=32, groups=2)
+    ours, theirs = pair("resnet50", **kw)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    # dilation 2 and 4 in layers 3 and 4: parity in training mode (batch statistics)
+    x = torch.randn(2, 3, 48, 48)
+    with resnet_fused.use_backend("reference"):
+        rel_close(ours(x), theirs(x), 1e-4)
+    ours, theirs = pair("resnet18", norm_layer=FrozenBatchNorm2d)
+    x = torch.randn(2, 3, 32, 32)
+    with resnet_fused.use_backend("reference"):
+        rel_close(ours(x), theirs(x), 1e-4)
+
+
+def _data(steps, n, size, classes, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g))
+            for _ in range(steps)]
+
+
+def _train(model, data, lr=0.01):
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    losses = []
+    for x, y in data:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+def _compare_models(ours, theirs, tol):
+    """Every gradient, parameter and buffer within tol of torchvision's, relative to the
+    tensor's scale (max |value|); num_batches_tracked exactly."""
+    def close(a, b, what):
+        scale = b.abs().max().item() if b.numel() else 0.0
+        err = (a - b).abs().max().item() if b.numel() else 0.0
+        assert err <= tol * scale + 1e-12, f"{what}: max error {err} vs scale {scale}"
+
+    for (n, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        close(p.grad, q.grad, f"grad {n}")
+        close(p.detach(), q.detach(), f"param {n}")
+    for (n, b), c in zip(ours.named_buffers(), theirs.buffers()):
+        if b.dtype == torch.long:
+            assert torch.equal(b, c), n  # num_batches_tracked
+        else:
+            close(b, c, f"buffer {n}")
+
+
+def _double(data):
+    return [(x.double(), y) for x, y in data]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_training_steps_parity(name):
+    ours, theirs = pair(name, num_classes=5)
+    data = _data(1, 4, 32, 5)
+    with resnet_fused.use_backend("reference"):
+        lo = _train(ours, data)
+    lt = _train(theirs, data)
+    assert_close(lo, lt, 1e-4, 1e-4)
+    # several steps, float64
+    ours, theirs = pair(name, num_classes=5)
+    ours.double()
+    theirs.double()
+    # 64x64, batch 8: layer4's BatchNorm sees 32 values per channel (4 would make even
+    # float64 ill-conditioned within 3 steps)
+    data = _double(_data(3, 8, 64, 5))
+    with resnet_fused.use_backend("reference"):
+        lo = _train(ours, data)
+    lt = _train(theirs, data)
+    assert_close(lo, lt, 1e-9, 1e-9)
+    _compare_models(ours, theirs, 1e-7)
+    assert int(ours.bn1.num_batches_tracked) == 3
+
+
+def test_momentum_none_cumulative_average():
+    ours, theirs = pair("resnet18", num_classes=5)
+    for m in list(ours.modules()) + list(theirs.modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    ours.double()
+    theirs.double()
+    data = _double(_data(3, 8, 64, 5))
+    with resnet_fused.use_backend("reference"):
+        _train(ours, data)
+    _train(theirs, data)
+    _compare_models(ours, theirs, 1e-7)
+
+
+# --- a small network of torchvision blocks: the Triton kernels on a whole model ---------------------
+def tiny_net(num_classes=5, norm=nn.BatchNorm2d):
+    def ds(cin, cout, stride):
+        return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), norm(cout))
+
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), norm(8), nn.ReLU(inplace=True),
+        tvr.BasicBlock(8, 8, norm_layer=norm),
+        tvr.BasicBlock(8, 16, stride=2, downsample=ds(8, 16, 2), norm_layer=norm),
+        tvr.Bottleneck(16, 4, stride=2, downsample=ds(16, 16, 2), groups=2, norm_layer=norm),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes),
+    )
+
+
+def tiny_pair(seed=0, **kw):
+    torch.manual_seed(seed)
+    theirs = tiny_net(**kw)
+    ours = resnet_fused.fuse(copy.deepcopy(theirs))
+    return ours, theirs
+
+
+@pytest.mark.parametrize("case", BACKEND_DEVICE)
+def test_tiny_net_eval_and_training(case):
+    backend, device = case
+    ours, theirs = tiny_pair()
+    ours.to(device)
+    theirs.to(device)
+    x = torch.randn(3, 3, 12, 12, device=device)
+    ours.eval()
+    theirs.eval()
+    with torch.no_grad(), resnet_fused.use_backend(backend), resnet_fused.dispatch_trace() as trace:
+        out = ours(x)
+    assert trace.count(("conv_affine_act", backend)) == 9  # every conv inside the blocks (the stem is a plain Sequential)
+    with torch.no_grad():
+        rel_close(out, theirs(x))
+    ours.train()
+    theirs.train()
+    ours.double()
+    theirs.double()
+    data = [(t[0].to(device).double(), t[1].to(device)) for t in _data(2, 4, 12, 5)]
+    with resnet_fused.use_backend(backend), resnet_fused.dispatch_trace() as trace:
+        lo = _train(ours, data)
+    assert ("conv_bn_relu", backend) in trace and ("conv_bn_relu_backward", backend) in trace
+    lt = _train(theirs, data)
+    assert_close(lo, lt, 1e-9, 1e-9)
+    _compare_models(ours, theirs, 1e-7)
+
+
+def test_fuse_in_place_shares_parameters():
+    theirs = torchvision.models.resnet18(num_classes=4)
+    before = {k: v.data_ptr() for k, v in theirs.state_dict().items()}
+    keys = list(theirs.state_dict())
+    theirs.eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = theirs(x)
+    fused = resnet_fused.fuse(theirs)
+    assert fused is theirs and type(fused) is rfm.ResNet
+    assert type(fused.layer1[0]) is rfm.BasicBlock
+    assert list(fused.state_dict()) == keys
+    assert {k: v.data_ptr() for k, v in fused.state_dict().items()} == before
+    with torch.no_grad(), resnet_fused.use_backend("reference"), resnet_fused.dispatch_trace() as trace:
+        rel_close(fused(x), expected)
+    assert trace
+    assert resnet_fused.fuse(fused) is fused  # idempotent
+
+
+def test_unsupported_norm_layer_falls_back_to_torchvision():
+    ours, theirs = tiny_pair(norm=lambda c: nn.GroupNorm(2, c))
+    x = torch.randn(2, 3, 12, 12)
+    with resnet_fused.dispatch_trace() as trace:
+        out = ours(x)
+    assert trace == []  # the stock torchvision forward ran
+    assert_close(out, theirs(x), 0, 0)
+
+
+def test_frozen_batchnorm_fused():
+    ours, theirs = tiny_pair(norm=FrozenBatchNorm2d)
+    for m in theirs.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.uniform_(0.5, 1.5)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 12, 12, requires_grad=True)
+    with resnet_fused.use_backend("reference"), resnet_fused.dispatch_trace() as trace:
+        out = ours(x)
+    assert trace.count(("conv_bn_relu", "reference")) == 9  # gradients needed: the differentiable path
+    rel_close(out, theirs(x))
+
+
+def test_folded_weights_cached_and_refreshed():
+    ours, theirs = tiny_pair()
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad(), resnet_fused.use_backend("reference"):
+        ours(x)
+        conv = ours[3].conv1
+        first = conv.__dict__["_rf_fold"]
+        ours(x)
+        assert conv.__dict__["_rf_fold"] is first  # cache hit: nothing recomputed
+        # In-place changes (an optimizer step, load_state_dict) bump version counters.
+        for m in list(theirs.modules()):
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.mul_(1.7)
+                m.weight.add_(0.1)
+        ours.load_state_dict(theirs.state_dict())
+        out = ours(x)
+        assert conv.__dict__["_rf_fold"] is not first
+        rel_close(out, theirs(x))
+        ours.double()
+        theirs.double()
+        rel_close(ours(x.double()), theirs(x.double()))
+
+
+def test_channels_last_and_nchw_inputs():
+    ours, theirs = tiny_pair()
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad(), resnet_fused.use_backend("reference"):
+        a = ours(x)
+        b = ours(x.to(memory_format=torch.channels_last))
+    assert_close(a, b, 1e-6, 1e-6)
+
+
+def test_weights_from_path(tmp_path):
+    torch.manual_seed(3)
+    src = torchvision.models.resnet18(num_classes=6)
+    path = tmp_path / "r18.pt"
+    torch.save(src.state_dict(), path)
+    ours = resnet_fused.resnet18(weights=str(path), num_classes=6)
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), src.state_dict().values()))
+    ours = resnet_fused.resnet18(weights=path, num_classes=6)  # a PathLike too
+    assert isinstance(ours, rfm.ResNet)
+
+
+def test_weights_enum_accepted_without_download(monkeypatch):
+    # The enum goes to torchvision, which would download; intercept the download itself.
+    from torchvision.models import ResNet18_Weights
+
+    sd = torchvision.models.resnet18().state_dict()
+    monkeypatch.setattr(ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict",
+                        lambda self, *a, **k: sd)
+    m = resnet_fused.resnet18(weights=ResNet18_Weights.IMAGENET1K_V1)
+    assert isinstance(m, rfm.ResNet) and m.fc.out_features == 1000
+    m = resnet_fused.resnet18(weights="IMAGENET1K_V1")
+    assert isinstance(m, rfm.ResNet)
+
+
+def test_autocast_cpu_bf16():
+    ours, theirs = tiny_pair()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16), resnet_fused.use_backend("reference"):
+        out = ours(x)
+        ref = theirs(x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert (out.float() - ref.float()).abs().max().item() < 5e-2 * ref.float().abs().max().item() + 1e-2
+
+
+def test_compile_fullgraph_resnet18():
+    ours, theirs = pair("resnet18", num_classes=5)
+    x = torch.randn(4, 3, 64, 64)  # (2x32x32 leaves 2 values per channel in layer4: ill-conditioned)
+    torch._dynamo.reset()
+    with resnet_fused.use_backend("reference"):
+        cm = torch.compile(ours, fullgraph=True, backend="aot_eager")
+        out = cm(x)
+        out.sum().backward()
+        ours.eval()
+        with torch.no_grad():
+            ev = cm(x)
+    ref = theirs(x)
+    ref.sum().backward()
+    rel_close(out, ref)
+    for (n, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert p.grad is not None and p.grad.shape == q.grad.shape, n
+    theirs.eval()
+    with torch.no_grad():
+        rel_close(ev, theirs(x))
+
+
+@pytest.mark.parametrize("case", [c for c in BACKEND_DEVICE if c.values[0][0] != "reference"][:2])
+def test_compile_inductor_tiny_net(case):
+    backend, device = case
+    ours, theirs = tiny_pair()
+    ours.to(device)
+    theirs.to(device)
+    x = torch.randn(2, 3, 12, 12, device=device)
+    torch._dynamo.reset()
+    with resnet_fused.use_backend(backend):
+        out = torch.compile(ours, fullgraph=True)(x)
+    rel_close(out, theirs(x))
+
+
+# --- bad input ---------------------------------------------------------------------------------
+def _same_exception(fn_ours, fn_theirs):
+    with pytest.raises(Exception) as e_theirs:
+        fn_theirs()
+    with pytest.raises(type(e_theirs.value)):
+        fn_ours()
+
+
+def test_bad_inputs_raise_like_torchvision():
+    ours, theirs = pair("resnet18", num_classes=5)
+    for m in (ours, theirs):
+        m.eval()
+    with resnet_fused.use_backend("reference"), torch.no_grad():
+        _same_exception(lambda: ours(torch.randn(3, 32, 32)), lambda: theirs(torch.randn(3, 32, 32)))  # no batch dim
+        _same_exception(lambda: ours(torch.randn(1, 4, 32, 32)), lambda: theirs(torch.randn(1, 4, 32, 32)))
+        img = torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8)
+        _same_exception(lambda: ours(img), lambda: theirs(img))
+        _same_exception(lambda: ours(torch.randn(1, 3, 32, 32, dtype=torch.float64)),
+                        lambda: theirs(torch.randn(1, 3, 32, 32, dtype=torch.float64)))
+        out = ours(torch.randn(0, 3, 32, 32))
+        assert out.shape == theirs(torch.randn(0, 3, 32, 32)).shape == (0, 5)
+    ours.train()
+    theirs.train()
+    with resnet_fused.use_backend("reference"):
+        # a single value per channel in training: torchvision's BatchNorm raises ValueError
+        _same_exception(lambda: ours(torch.randn(1, 3, 32, 32)), lambda: theirs(torch.randn(1, 3, 32, 32)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("not torch.cuda.is_available()", reason="no CUDA GPU")
+def test_device_mismatch_like_torchvision():
+    ours, theirs = pair("resnet18", num_classes=5)
+    ours.cuda()
+    theirs.cuda()
+    x = torch.randn(2, 3, 32, 32)
+    _same_exception(lambda: ours(x), lambda: theirs(x))
