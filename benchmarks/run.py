@@ -1,0 +1,543 @@
+#!/usr/bin/env python
+"""resnet_fused benchmark suite: whole models and single operators against eager PyTorch
+and torch.compile.
+
+  python benchmarks/run.py                        # GPU: ResNet-50 bf16, infer + train, the default grid
+  python benchmarks/run.py --models resnet18,resnet50 --batches 1,64,256 --modes infer
+  python benchmarks/run.py --device cpu --smoke   # no GPU: tiny CPU comparison (reference backend vs eager)
+
+Every implementation starts from the same weights, is checked against eager before it is
+timed (a wrong one is reported as failed and never timed), is warmed up, and is timed with
+CUDA events per iteration; the median, p20 and p80 are reported with img/s and peak memory.
+Rows are appended to benchmarks/results/{models,ops}.csv; --out DIR gets this run's CSVs,
+a markdown summary and PNG plots.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime as dt
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from layers import RESNET50, SMOKE  # noqa: E402
+
+import resnet_fused  # noqa: E402
+from resnet_fused.functional import conv_bn_relu  # noqa: E402
+
+MODEL_COLUMNS = ["timestamp", "commit", "device", "torch", "triton", "model", "mode", "dtype", "batch", "impl",
+                 "img_per_s", "ms_median", "ms_p20", "ms_p80", "peak_mem_mb"]
+OP_COLUMNS = ["timestamp", "commit", "device", "torch", "triton", "layer", "op", "mode", "dtype", "batch", "impl",
+              "ms_median", "ms_p20", "ms_p80", "tflops", "gbps", "peak_tflops", "peak_gbps"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GPU_IMPLS = ["eager", "eager-cl", "compile", "fused-triton", "fused-cuda"]
+OPTIONAL_IMPLS = ["compile-max", "eager-cl-graph", "fused-triton-graph", "fused-cuda-graph"]
+CPU_IMPLS = ["eager", "eager-cl", "fused-reference"]
+
+
+# --- environment ------------------------------------------------------------------------------
+def environment(device):
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        if dirty:
+            commit += "-dirty"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    try:
+        import triton
+
+        triton_v = triton.__version__
+    except ImportError:
+        triton_v = "none"
+    name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or platform.machine())
+    return dict(timestamp=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), commit=commit,
+                device=name, torch=torch.__version__, triton=triton_v)
+
+
+# --- timing -----------------------------------------------------------------------------------
+def time_fn(fn, device, warmup, iters, min_time=0.0):
+    """Per-iteration times in ms (CUDA events on the GPU, perf_counter on the CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        while len(times) < iters or (time.perf_counter() - start < min_time and len(times) < 10 * iters):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def quantiles(times):
+    s = sorted(times)
+    q = lambda p: s[min(len(s) - 1, max(0, round(p * (len(s) - 1))))]  # noqa: E731
+    return statistics.median(s), q(0.2), q(0.8)
+
+
+# --- implementations ----------------------------------------------------------------------------
+def build(impl, base, device, dtype, mode, example):
+    """A callable running one step of ``impl`` on a copy of ``base``; returns (step, model)."""
+    import torchvision  # noqa: F401
+
+    m = copy.deepcopy(base).to(device)
+    cl = impl not in ("eager",)
+    if cl:
+        m = m.to(memory_format=torch.channels_last)
+    backend = None
+    if impl.startswith("fused-"):
+        backend = impl.split("-")[1]
+        resnet_fused.fuse(m)
+    autocast = dtype != torch.float32
+    if mode == "infer":
+        m.eval()
+    else:
+        m.train()
+    fwd = m
+    if impl in ("compile", "compile-max"):
+        fwd = torch.compile(m, mode="max-autotune" if impl == "compile-max" else None)
+    opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) if mode == "train" else None
+    x = example.to(device)
+    if cl:
+        x = x.to(memory_format=torch.channels_last)
+    target = torch.randint(0, 1000, (x.shape[0],), device=device, generator=None)
+
+    def run_fwd(inp):
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            return fwd(inp)
+
+    if mode == "infer":
+        def step():
+            with torch.inference_mode():
+                return run_fwd(x)
+    else:
+        def step():
+            opt.zero_grad(set_to_none=True)
+            out = run_fwd(x)
+            loss = F.cross_entropy(out.float(), target)
+            loss.backward()
+            opt.step()
+            return loss
+
+    if impl.endswith("-graph"):
+        if device.type != "cuda" or mode != "infer":
+            raise ValueError("CUDA-graph variants are for inference on a GPU")
+
+        def model_call(inp):
+            with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+                return fwd(inp)
+
+        with torch.inference_mode():
+            replay = resnet_fused.capture(model_call, x)
+        step = lambda: replay(x)  # noqa: E731
+
+    if backend is None:
+        return step, m
+
+    def fused_step():
+        with resnet_fused.use_backend(backend):
+            return step()
+
+    return fused_step, m
+
+
+def check(impl, step, ref_out, mode, dtype):
+    """Correctness guard against eager: logits (infer) or the first loss (train)."""
+    out = step()
+    out = out.float()
+    ref = ref_out.float()
+    if mode == "infer":
+        err = ((out - ref).abs().max() / (ref.abs().max() + 1e-6)).item()
+        tol = 2e-2 if dtype == torch.float32 else 8e-2
+    else:
+        err = abs(out.item() - ref.item()) / (abs(ref.item()) + 1e-6)
+        tol = 2e-2
+    if not (err <= tol):  # NaN fails too
+        return f"failed: {err:.3g} relative error vs eager (tolerance {tol})"
+    return "ok"
+
+
+def bench_models(args, device, env, out_rows, progress):
+    import torchvision
+
+    impls = args.impls
+    for model_name in args.models:
+        torch.manual_seed(0)
+        base = getattr(torchvision.models, model_name)(num_classes=1000)
+        for mode in args.modes:
+            for dname in args.dtypes:
+                dtype = DTYPES[dname]
+                for batch in args.batches:
+                    if mode == "train" and batch < 2:
+                        continue
+                    example = torch.randn(batch, 3, args.size, args.size)
+                    torch.manual_seed(1)
+                    ref_step, _ = build("eager", base, device, dtype, mode, example)
+                    ref_out = ref_step()
+                    ref_out = ref_out.detach().clone() if isinstance(ref_out, torch.Tensor) else ref_out
+                    for impl in impls:
+                        progress.set_description(f"{model_name} {mode} {dname} b{batch} {impl}")
+                        row = dict(env, model=model_name, mode=mode, dtype=dname, batch=batch, impl=impl)
+                        try:
+                            torch.manual_seed(1)
+                            step, _m = build(impl, base, device, dtype, mode, example)
+                            status = check(impl, step, ref_out, mode, dtype)
+                        except Exception as e:  # an implementation that cannot run is reported, not timed
+                            status = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                        if status == "ok":
+                            if device.type == "cuda":
+                                torch.cuda.synchronize()
+                                torch.cuda.reset_peak_memory_stats()
+                            times = time_fn(step, device, args.warmup, args.iters, args.min_time)
+                            med, p20, p80 = quantiles(times)
+                            peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+                            row.update(img_per_s=round(batch / (med / 1e3), 1), ms_median=round(med, 4),
+                                       ms_p20=round(p20, 4), ms_p80=round(p80, 4), peak_mem_mb=round(peak, 1))
+                        row["status"] = status
+                        out_rows.append(row)
+                        progress.update(1)
+                        del step
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+
+
+# --- operators ----------------------------------------------------------------------------------
+def measured_peaks(device, dtype):
+    """The device's matmul rate (TFLOP/s) and copy bandwidth (GB/s, read + write), measured now."""
+    if device.type != "cuda":
+        return float("nan"), float("nan")
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = statistics.median(time_fn(lambda: a @ b, device, 3, 10))
+    tflops = 2 * n ** 3 / (t / 1e3) / 1e12
+    src = torch.randn(2 ** 28, device=device, dtype=torch.float32) * 0 + 1  # 1 GiB of non-zero data
+    dst = torch.empty_like(src)
+    t = statistics.median(time_fn(lambda: dst.copy_(src), device, 3, 10))
+    gbps = 2 * src.numel() * 4 / (t / 1e3) / 1e9
+    del a, b, src, dst
+    return tflops, gbps
+
+
+def bench_ops(args, device, env, rows, progress):
+    layers = SMOKE if args.smoke else RESNET50
+    batch = args.op_batch
+    backends = ["reference"] if device.type != "cuda" else [b for b in ("triton", "cuda")
+                                                              if b in resnet_fused.available_backends()]
+    for dname in args.dtypes:
+        dtype = DTYPES[dname]
+        peak_tf, peak_gb = measured_peaks(device, dtype)
+        elem = torch.tensor([], dtype=dtype).element_size()
+        for L in layers:
+            g = torch.Generator(device="cpu").manual_seed(0)
+            x = torch.randn(batch, L.C, L.H, L.H, generator=g).to(device, dtype).to(memory_format=torch.channels_last)
+            w = (torch.randn(L.K, L.C, L.R, L.R, generator=g) * (L.C * L.R * L.R) ** -0.5).to(device, dtype)
+            w = w.to(memory_format=torch.channels_last)
+            gamma = torch.rand(L.K, generator=g).add(0.5).to(device)
+            beta = torch.randn(L.K, generator=g).to(device)
+            rm, rv = torch.zeros(L.K, device=device), torch.ones(L.K, device=device)
+            res = (torch.randn(batch, L.K, L.P, L.P, generator=g).to(device, dtype)
+                   .to(memory_format=torch.channels_last) if L.residual else None)
+            conv = dict(stride=L.stride, padding=L.padding)
+
+            def eager(training):
+                y = F.batch_norm(F.conv2d(x, w, None, **conv), rm, rv, gamma, beta, training, 0.1, 1e-5)
+                if res is not None:
+                    y = y + res
+                return torch.relu(y) if L.relu else y
+
+            def ours(training):
+                return conv_bn_relu(x, w, gamma, beta, rm, rv, training=training, residual=res, relu=L.relu, **conv)
+
+            for mode in ("eval", "train", "train-fwd-bwd"):
+                training = mode != "eval"
+                for impl in ["eager"] + [f"fused-{b}" for b in backends]:
+                    progress.set_description(f"op {L.name} {mode} {impl}")
+                    fn = eager if impl == "eager" else ours
+                    ctx = resnet_fused.use_backend(impl.split("-")[1]) if impl != "eager" else _null()
+                    with ctx:
+                        if mode == "train-fwd-bwd":
+                            xs = [x, w]
+                            for t in xs:
+                                t.requires_grad_(True)
+                            gout = None
+
+                            def step(fn=fn):
+                                nonlocal gout
+                                y = fn(True)
+                                if gout is None:
+                                    gout = torch.randn_like(y)
+                                torch.autograd.grad(y, xs, gout)
+                        else:
+                            for t in (x, w):
+                                t.requires_grad_(False)
+
+                            def step(fn=fn, training=training):
+                                with torch.no_grad():
+                                    return fn(training)
+                        status = "ok"
+                        if impl != "eager" and mode != "train-fwd-bwd":
+                            with torch.no_grad():
+                                ref, got = eager(training).float(), fn(training).float()
+                            err = ((ref - got).abs().max() / (ref.abs().max() + 1e-6)).item()
+                            if not err <= (2e-2 if dtype == torch.float32 else 8e-2):
+                                status = f"failed: {err:.3g} relative error vs eager"
+                        row = dict(env, layer=L.name, op="conv_bn_relu", mode=mode, dtype=dname, batch=batch, impl=impl,
+                                   status=status, peak_tflops=round(peak_tf, 1), peak_gbps=round(peak_gb, 1))
+                        if status == "ok":
+                            try:
+                                times = time_fn(step, device, args.warmup, args.op_iters)
+                                med, p20, p80 = quantiles(times)
+                                mult = 3 if mode == "train-fwd-bwd" else 1
+                                row.update(ms_median=round(med, 4), ms_p20=round(p20, 4), ms_p80=round(p80, 4),
+                                           tflops=round(mult * L.flops(batch) / (med / 1e3) / 1e12, 2),
+                                           gbps=round(L.min_bytes(batch, elem) / (med / 1e3) / 1e9, 1))
+                            except Exception as e:
+                                row["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                        rows.append(row)
+                        progress.update(1)
+            for t in (x, w):
+                t.requires_grad_(False)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# --- output -------------------------------------------------------------------------------------
+def append_csv(path, columns, rows):
+    rows = [r for r in rows if r.get("status") == "ok"]
+    if not rows:
+        return
+    new = not os.path.exists(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+def write_csv(path, columns, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns + ["status"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def model_table(rows, baseline):
+    lines = ["| model | mode | dtype | batch | impl | img/s | ms median (p20-p80) | peak MB | vs " + baseline + " |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["model"], r["mode"], r["dtype"], r["batch"]): r for r in rows
+            if r["impl"] == baseline and r["status"] == "ok"}
+    for r in rows:
+        key = (r["model"], r["mode"], r["dtype"], r["batch"])
+        if r["status"] != "ok":
+            lines.append(f"| {r['model']} | {r['mode']} | {r['dtype']} | {r['batch']} | {r['impl']} | "
+                         f"{r['status']} | | | |")
+            continue
+        b = base.get(key)
+        sp = f"{r['img_per_s'] / b['img_per_s']:.2f}x" if b else "-"
+        lines.append(f"| {r['model']} | {r['mode']} | {r['dtype']} | {r['batch']} | {r['impl']} | "
+                     f"{r['img_per_s']:.1f} | {r['ms_median']:.3f} ({r['ms_p20']:.3f}-{r['ms_p80']:.3f}) | "
+                     f"{r['peak_mem_mb']} | {sp} |")
+    return "\n".join(lines)
+
+
+def op_table(rows):
+    lines = ["| layer | mode | dtype | impl | ms median | TFLOP/s | GB/s | vs eager |", "|---|---|---|---|---|---|---|---|"]
+    base = {(r["layer"], r["mode"], r["dtype"]): r for r in rows if r["impl"] == "eager" and r["status"] == "ok"}
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['layer']} | {r['mode']} | {r['dtype']} | {r['impl']} | {r['status']} | | | |")
+            continue
+        b = base.get((r["layer"], r["mode"], r["dtype"]))
+        sp = f"{b['ms_median'] / r['ms_median']:.2f}x" if b else "-"
+        lines.append(f"| {r['layer']} | {r['mode']} | {r['dtype']} | {r['impl']} | {r['ms_median']:.3f} | "
+                     f"{r['tflops']} | {r['gbps']} | {sp} |")
+    return "\n".join(lines)
+
+
+def plots(out, model_rows, op_rows):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plots")
+        return []
+    written = []
+    ok = [r for r in model_rows if r["status"] == "ok"]
+    groups = sorted({(r["model"], r["mode"], r["dtype"]) for r in ok})
+    if groups:
+        fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+        for ax, (m, mode, d) in zip(axes[0], groups):
+            for impl in sorted({r["impl"] for r in ok}):
+                pts = sorted((r["batch"], r["img_per_s"]) for r in ok
+                             if (r["model"], r["mode"], r["dtype"], r["impl"]) == (m, mode, d, impl))
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=impl)
+            ax.set(xscale="log", xlabel="batch", ylabel="img/s", title=f"{m} {mode} {d}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = os.path.join(out, "throughput.png")
+        fig.savefig(p, dpi=90)
+        written.append(p)
+    ok = [r for r in op_rows if r["status"] == "ok"]
+    if ok:
+        modes = sorted({r["mode"] for r in ok})
+        layers = list(dict.fromkeys(r["layer"] for r in ok))
+        fig, axes = plt.subplots(len(modes), 1, figsize=(12, 3.5 * len(modes)), squeeze=False)
+        for ax, mode in zip(axes[:, 0], modes):
+            base = {(r["layer"], r["dtype"]): r["ms_median"] for r in ok if r["impl"] == "eager" and r["mode"] == mode}
+            impls = sorted({r["impl"] for r in ok if r["impl"] != "eager"})
+            for i, impl in enumerate(impls):
+                ys = []
+                for L in layers:
+                    r = next((r for r in ok if (r["layer"], r["mode"], r["impl"]) == (L, mode, impl)), None)
+                    ys.append(base.get((L, r["dtype"]), float("nan")) / r["ms_median"] if r else float("nan"))
+                xs = [j + 0.8 * i / max(1, len(impls)) for j in range(len(layers))]
+                ax.bar(xs, ys, width=0.8 / max(1, len(impls)), label=impl)
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.set_xticks(range(len(layers)))
+            ax.set_xticklabels(layers, rotation=60, ha="right", fontsize=7)
+            ax.set(ylabel="speedup vs eager", title=f"conv_bn_relu per layer ({mode})")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = os.path.join(out, "layers.png")
+        fig.savefig(p, dpi=90)
+        written.append(p)
+    return written
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU: under 2 minutes)")
+    ap.add_argument("--models", default=None, help="comma list, e.g. resnet18,resnet50 (default resnet50)")
+    ap.add_argument("--modes", default="infer,train")
+    ap.add_argument("--dtypes", default=None, help="fp32,bf16,fp16 (default bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--batches", default=None, help="default 1,32,256 on GPU")
+    ap.add_argument("--impls", default=None, help=f"default {','.join(GPU_IMPLS)}; optional {','.join(OPTIONAL_IMPLS)}")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--no-models", action="store_true")
+    ap.add_argument("--no-ops", action="store_true")
+    ap.add_argument("--op-batch", type=int, default=256)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--op-iters", type=int, default=20)
+    ap.add_argument("--min-time", type=float, default=0.5, help="seconds of timed iterations at least (GPU)")
+    ap.add_argument("--out", default=None, help="folder for this run's CSVs, summary and plots")
+    ap.add_argument("--results", default=os.path.join(HERE, "results"), help="folder of the appended CSVs")
+    ap.add_argument("--no-append", action="store_true", help="do not append to the results CSVs")
+    args = ap.parse_args(argv)
+
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if device.type == "cpu":
+        print("No GPU in use: running a small CPU comparison (the reference backend against eager PyTorch). "
+              "The GPU numbers need a CUDA device.")
+        args.smoke = True
+    cpu = device.type == "cpu"
+    args.models = (args.models or ("resnet18" if cpu else "resnet50")).split(",")
+    args.modes = args.modes.split(",")
+    args.dtypes = (args.dtypes or ("fp32" if cpu else "bf16")).split(",")
+    args.batches = [int(b) for b in (args.batches or ("2,4" if cpu else "1,32,256")).split(",")]
+    args.impls = (args.impls or ",".join(CPU_IMPLS if cpu else GPU_IMPLS)).split(",")
+    if args.smoke:
+        args.size = min(args.size, 64)
+        args.op_batch = min(args.op_batch, 4)
+        args.iters, args.op_iters, args.warmup, args.min_time = min(args.iters, 3), min(args.op_iters, 3), 1, 0.0
+    if cpu and any(i.startswith("fused-") and i != "fused-reference" for i in args.impls):
+        sys.exit("fused-triton / fused-cuda need a GPU; on the CPU use fused-reference")
+    env = environment(device)
+    print(f"device: {env['device']}; torch {env['torch']}, triton {env['triton']}, commit {env['commit']}; "
+          f"backends {resnet_fused.available_backends()}")
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    n_models = 0 if args.no_models else len(args.models) * len(args.modes) * len(args.dtypes) * len(args.batches) * len(args.impls)
+    n_ops = 0 if args.no_ops else (len(SMOKE if args.smoke else RESNET50) * 3 * len(args.dtypes)
+                                   * (1 + (1 if cpu else len([b for b in ("triton", "cuda") if b in resnet_fused.available_backends()]))))
+    progress = tqdm(total=n_models + n_ops, dynamic_ncols=True) if tqdm else _NoBar()
+    model_rows, op_rows = [], []
+    if not args.no_models:
+        bench_models(args, device, env, model_rows, progress)
+    if not args.no_ops:
+        bench_ops(args, device, env, op_rows, progress)
+    progress.close()
+
+    baseline = "eager-cl"
+    text = []
+    if model_rows:
+        text += ["## Models", "", model_table(model_rows, baseline), ""]
+    if op_rows:
+        text += ["## Operators (conv_bn_relu per ResNet-50 layer)", "",
+                 f"measured peaks: {op_rows[0]['peak_tflops']} TFLOP/s, {op_rows[0]['peak_gbps']} GB/s", "",
+                 op_table(op_rows), ""]
+    header = (f"device {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}, "
+              f"{env['timestamp']}")
+    print("\n" + header + "\n\n" + "\n".join(text))
+    if not args.no_append:
+        append_csv(os.path.join(args.results, "models.csv"), MODEL_COLUMNS, model_rows)
+        append_csv(os.path.join(args.results, "ops.csv"), OP_COLUMNS, op_rows)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        if model_rows:
+            write_csv(os.path.join(args.out, "models.csv"), MODEL_COLUMNS, model_rows)
+        if op_rows:
+            write_csv(os.path.join(args.out, "ops.csv"), OP_COLUMNS, op_rows)
+        with open(os.path.join(args.out, "summary.md"), "w") as f:
+            f.write(f"# Benchmark run\n\n{header}\n\n" + "\n".join(text))
+        for p in plots(args.out, model_rows, op_rows):
+            print("wrote", p)
+    failed = [r for r in model_rows + op_rows if r["status"] != "ok"]
+    if failed:
+        print(f"{len(failed)} implementation(s) failed their correctness check or could not run (see table)")
+    return model_rows, op_rows
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def set_description(self, s):
+        pass
+
+    def close(self):
+        pass
+
+
+if __name__ == "__main__":
+    main()
