@@ -20,7 +20,8 @@ from resnet_fused import _triton
 
 REQUIRE_EXT = os.environ.get("RESNET_FUSED_REQUIRE_CUDA_EXT") == "1"
 REQUIRE_TRITON = os.environ.get("RESNET_FUSED_REQUIRE_TRITON") == "1"
-NO_CUDA = "not torch.cuda.is_available()"
+# (evaluated lazily by pytest at setup, in whatever namespace: no reliance on imports)
+NO_CUDA = "not __import__('torch').cuda.is_available()"
 
 
 def _cases():

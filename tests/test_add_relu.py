@@ -9,7 +9,7 @@ from resnet_fused import _triton
 from resnet_fused.functional import add_relu
 from resnet_fused.ops.add_relu import add_relu_reference
 
-from conftest import BACKEND_DEVICE, FUSED_BACKEND_DEVICE, assert_close
+from conftest import NO_CUDA, BACKEND_DEVICE, FUSED_BACKEND_DEVICE, assert_close
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -161,14 +161,14 @@ def test_not_a_tensor():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif("not torch.cuda.is_available()", reason="no CUDA GPU")
+@pytest.mark.skipif(NO_CUDA, reason="no CUDA GPU")
 def test_device_mismatch():
     with pytest.raises(ValueError, match="x is on cpu but residual is on cuda"):
         add_relu(torch.ones(2), torch.ones(2, device="cuda"))
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif("not torch.cuda.is_available()", reason="no CUDA GPU")
+@pytest.mark.skipif(NO_CUDA, reason="no CUDA GPU")
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_runs_on_current_stream(backend):
     if backend not in resnet_fused.available_backends() or _triton.interpreting():

@@ -17,7 +17,7 @@ from resnet_fused import _triton
 from resnet_fused.functional import conv_bn_relu
 from resnet_fused.ops.conv_bn_relu import conv_bn_relu_reference
 
-from conftest import BACKEND_DEVICE, FUSED_BACKEND_DEVICE, assert_close
+from conftest import NO_CUDA, BACKEND_DEVICE, FUSED_BACKEND_DEVICE, assert_close
 
 # name: (C, K, H, W, kernel, stride, padding, dilation, groups)
 GEOMETRIES = {
@@ -350,7 +350,7 @@ def test_bad_inputs():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif("not torch.cuda.is_available()", reason="no CUDA GPU")
+@pytest.mark.skipif(NO_CUDA, reason="no CUDA GPU")
 def test_device_mismatch():
     x, w, bn, res, conv = _args()
     with pytest.raises(RuntimeError, match="weight is on cuda"):

@@ -26,7 +26,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 import resnet_fused
 from resnet_fused import models as rfm
 
-from conftest import BACKEND_DEVICE, assert_close
+from conftest import NO_CUDA, BACKEND_DEVICE, assert_close
 
 NAMES = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
          "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
@@ -393,7 +393,7 @@ def test_bad_inputs_raise_like_torchvision():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif("not torch.cuda.is_available()", reason="no CUDA GPU")
+@pytest.mark.skipif(NO_CUDA, reason="no CUDA GPU")
 def test_device_mismatch_like_torchvision():
     ours, theirs = pair("resnet18", num_classes=5)
     ours.cuda()
