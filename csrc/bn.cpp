@@ -54,7 +54,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize(
   TORCH_CHECK(pm.is_cuda() && pm.dim() == 2 && pm.is_contiguous() && pm2.sizes() == pm.sizes() &&
                   pm2.is_contiguous() && pm2.scalar_type() == pm.scalar_type(),
               "resnet_fused_C::bn_finalize: partials must be two contiguous [G, K] CUDA tensors of one dtype");
+  TORCH_CHECK(pm.scalar_type() == at::kFloat || pm.scalar_type() == at::kDouble,
+              "resnet_fused_C::bn_finalize: partials must be float32 or float64, got ", pm.scalar_type());
+  TORCH_CHECK(pm2.device() == pm.device(), "resnet_fused_C::bn_finalize: partials on different devices");
   TORCH_CHECK(M > 1, "resnet_fused_C::bn_finalize: need more than 1 value per channel, got ", M);
+  TORCH_CHECK(rows > 0 && pm.size(0) == (M + rows - 1) / rows, "resnet_fused_C::bn_finalize: ", pm.size(0),
+              " partials do not cover ", M, " rows in chunks of ", rows);
   const bool update = rm.has_value() && rm->defined();
   TORCH_CHECK(update == (rv.has_value() && rv->defined()),
               "resnet_fused_C::bn_finalize: running_mean and running_var go together");

@@ -100,11 +100,13 @@ __global__ void bn_finalize_kernel(const A* __restrict__ pmean, const A* __restr
 }
 
 // ---- elementwise: 16-byte vectors when K is a multiple of the vector width -------------------
-template <typename T>
-struct alignas(16) Vec {
-  static constexpr int N = 16 / sizeof(T);
-  T v[N];
+// W consecutive elements of one row, loaded and stored as one access (W * sizeof(T) = 16
+// bytes on the vector path, so the pack is 16-byte aligned; W = 1 otherwise).
+template <typename T, int W>
+struct alignas(sizeof(T) * W) Pack {
+  T v[W];
 };
+template <typename T> constexpr int kVec = 16 / sizeof(T);
 
 inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -117,7 +119,14 @@ inline int64_t grid_for(int64_t work, int threads) {
   return blocks < 1 ? 1 : (blocks > cap ? cap : blocks);
 }
 
-// Each "item" is W consecutive elements of one row (W = vector width or 1).
+template <typename T, int W> __device__ __forceinline__ Pack<T, W> ld(const T* p) {
+  return *reinterpret_cast<const Pack<T, W>*>(p);
+}
+template <typename T, int W> __device__ __forceinline__ void st(T* p, const Pack<T, W>& v) {
+  *reinterpret_cast<Pack<T, W>*>(p) = v;
+}
+
+// Each item is W consecutive elements of one row (K % W == 0).
 template <typename T, typename A, int W>
 __global__ void bn_apply_kernel(const T* __restrict__ z, const A* __restrict__ scale, const A* __restrict__ shift,
                                 const T* __restrict__ res, T* __restrict__ out, int64_t items, int64_t K, bool relu) {
@@ -125,26 +134,17 @@ __global__ void bn_apply_kernel(const T* __restrict__ z, const A* __restrict__ s
   for (int64_t it = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; it < items; it += stride) {
     const int64_t i0 = it * W;
     const int64_t k0 = i0 % K;
-    T zv[W], rv[W], ov[W];
-    if constexpr (W > 1) {
-      *reinterpret_cast<Vec<T>*>(zv) = *reinterpret_cast<const Vec<T>*>(z + i0);
-      if (res) *reinterpret_cast<Vec<T>*>(rv) = *reinterpret_cast<const Vec<T>*>(res + i0);
-    } else {
-      zv[0] = z[i0];
-      if (res) rv[0] = res[i0];
-    }
+    const Pack<T, W> zv = ld<T, W>(z + i0);
+    Pack<T, W> rv, ov;
+    if (res) rv = ld<T, W>(res + i0);
 #pragma unroll
     for (int j = 0; j < W; ++j) {
-      A y = to_acc<A>(zv[j]) * scale[k0 + j] + shift[k0 + j];
-      if (res) y += to_acc<A>(rv[j]);
+      A y = to_acc<A>(zv.v[j]) * scale[k0 + j] + shift[k0 + j];
+      if (res) y += to_acc<A>(rv.v[j]);
       if (relu) y = y < A(0) ? A(0) : y;  // NaN stays NaN
-      ov[j] = cast_to<T>(y);
+      ov.v[j] = cast_to<T>(y);
     }
-    if constexpr (W > 1) {
-      *reinterpret_cast<Vec<T>*>(out + i0) = *reinterpret_cast<Vec<T>*>(ov);
-    } else {
-      out[i0] = ov[0];
-    }
+    st<T, W>(out + i0, ov);
   }
 }
 
@@ -163,7 +163,7 @@ __global__ void bn_bwd_reduce_kernel(const T* __restrict__ grad, const T* __rest
     for (int64_t r = r0 + threadIdx.y; r < r1; r += TY) {
       const int64_t i = r * K + k;
       A gy = load_as<A>(grad + i);
-      if (relu && !(load_as<A>(out + i) > A(0))) gy = 0;
+      if (relu && load_as<A>(out + i) <= A(0)) gy = 0;  // as threshold_backward: NaN passes
       s += gy;
       sz += gy * (load_as<A>(z + i) - mk);
     }
@@ -190,33 +190,22 @@ __global__ void bn_bwd_apply_kernel(const T* __restrict__ grad, const T* __restr
   for (int64_t it = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; it < items; it += stride) {
     const int64_t i0 = it * W;
     const int64_t k0 = i0 % K;
-    T gv[W], ov[W], zv[W], dv[W], rv[W];
-    if constexpr (W > 1) {
-      *reinterpret_cast<Vec<T>*>(gv) = *reinterpret_cast<const Vec<T>*>(grad + i0);
-      if (relu) *reinterpret_cast<Vec<T>*>(ov) = *reinterpret_cast<const Vec<T>*>(out + i0);
-      if (b) *reinterpret_cast<Vec<T>*>(zv) = *reinterpret_cast<const Vec<T>*>(z + i0);
-    } else {
-      gv[0] = grad[i0];
-      if (relu) ov[0] = out[i0];
-      if (b) zv[0] = z[i0];
-    }
+    const Pack<T, W> gv = ld<T, W>(grad + i0);
+    Pack<T, W> ov, zv, dv, rv;
+    if (relu) ov = ld<T, W>(out + i0);
+    if (b) zv = ld<T, W>(z + i0);
 #pragma unroll
     for (int j = 0; j < W; ++j) {
       const int64_t k = k0 + j;
-      A gy = to_acc<A>(gv[j]);
-      if (relu && !(to_acc<A>(ov[j]) > A(0))) gy = 0;
-      rv[j] = cast_to<T>(gy);
+      A gy = to_acc<A>(gv.v[j]);
+      if (relu && to_acc<A>(ov.v[j]) <= A(0)) gy = 0;  // as threshold_backward: NaN passes
+      rv.v[j] = cast_to<T>(gy);
       A d = a[k] * gy;
-      if (b) d += b[k] * (to_acc<A>(zv[j]) - mean[k]) * invstd[k] + c[k];
-      dv[j] = cast_to<T>(d);
+      if (b) d += b[k] * (to_acc<A>(zv.v[j]) - mean[k]) * invstd[k] + c[k];
+      dv.v[j] = cast_to<T>(d);
     }
-    if constexpr (W > 1) {
-      *reinterpret_cast<Vec<T>*>(dz + i0) = *reinterpret_cast<Vec<T>*>(dv);
-      if (gres) *reinterpret_cast<Vec<T>*>(gres + i0) = *reinterpret_cast<Vec<T>*>(rv);
-    } else {
-      dz[i0] = dv[0];
-      if (gres) gres[i0] = rv[0];
-    }
+    st<T, W>(dz + i0, dv);
+    if (gres) st<T, W>(gres + i0, rv);
   }
 }
 
@@ -275,7 +264,7 @@ cudaError_t launch_bn_apply(const void* z, const void* scale, const void* shift,
   return dispatch(dtype, [&](auto t) {
     using T = decltype(t);
     using A = AccT<T>;
-    constexpr int V = Vec<T>::N;
+    constexpr int V = kVec<T>;
     const bool vec = K % V == 0 && aligned16(z) && aligned16(res) && aligned16(out);
     const int threads = 256;
     if (vec) {
@@ -314,7 +303,7 @@ cudaError_t launch_bn_bwd_apply(const void* grad, const void* out, const void* z
   return dispatch(dtype, [&](auto t) {
     using T = decltype(t);
     using A = AccT<T>;
-    constexpr int V = Vec<T>::N;
+    constexpr int V = kVec<T>;
     const bool vec = K % V == 0 && aligned16(grad) && aligned16(out) && aligned16(z) && aligned16(dz) &&
                      aligned16(gres);
     const int threads = 256;

@@ -303,6 +303,28 @@ def test_empty_batch(case):
         run(backend, x, w, bn, res, conv, training=True)
 
 
+@pytest.mark.parametrize("case", BACKEND_DEVICE)
+def test_nan_propagates_forward_and_backward_like_eager(case):
+    # A NaN input pixel gives NaN outputs; ReLU's backward passes the gradient where the
+    # output is NaN (threshold_backward), so the residual gradient matches eager's exactly.
+    backend, device = case
+    x, w, bn, res, conv = make("3x3s1", device)
+    x = x.clone()
+    x[0, :, 2, 2] = float("nan")
+    r1, r2 = res.clone().requires_grad_(), res.clone().requires_grad_()
+    g = torch.randn_like(res)
+    with resnet_fused.use_backend(backend):
+        out = conv_bn_relu(x, w, bn["bn_weight"], bn["bn_bias"], bn["running_mean"], bn["running_var"], residual=r1,
+                           training=False, **conv)
+        (gr,) = torch.autograd.grad(out, r1, g)
+    exp = conv_bn_relu_reference(x, w, bn["bn_weight"], bn["bn_bias"], bn["running_mean"], bn["running_var"],
+                                 residual=r2, training=False, **conv)
+    (er,) = torch.autograd.grad(exp, r2, g)
+    assert torch.isnan(out).sum() == torch.isnan(exp).sum() > 0
+    assert_close(out, exp, 1e-4, 1e-4)
+    assert_close(gr, er, 0, 0)
+
+
 # --- bad input ------------------------------------------------------------------------------
 def _args():
     x, w, bn, res, conv = make("3x3s1", "cpu")

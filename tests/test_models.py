@@ -400,3 +400,38 @@ def test_device_mismatch_like_torchvision():
     theirs.cuda()
     x = torch.randn(2, 3, 32, 32)
     _same_exception(lambda: ours(x), lambda: theirs(x))
+
+
+def test_convert_sync_batchnorm_keeps_state_dict_and_runs_without_a_process_group():
+    ours, theirs = pair("resnet18", num_classes=5)
+    before = {k: v.data_ptr() for k, v in ours.state_dict().items()}
+    conv = resnet_fused.convert_sync_batchnorm(ours)
+    assert conv is ours and type(ours.bn1) is rfm.SyncBatchNorm2d
+    assert {k: v.data_ptr() for k, v in ours.state_dict().items()} == before  # shared, not copied
+    x = torch.randn(4, 3, 64, 64)
+    with resnet_fused.use_backend("reference"):
+        rel_close(ours(x), theirs(x))  # no process group: local statistics, as BatchNorm2d
+    _compare_buffers = [(a, b) for a, b in zip(ours.buffers(), theirs.buffers())]
+    for a, b in _compare_buffers:
+        assert_close(a.double(), b.double(), 1e-6, 1e-5)
+
+
+def test_standalone_sync_batchnorm2d_equals_batchnorm2d():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(6).double()
+    bn.weight.data.uniform_(0.5, 1.5)
+    sbn = resnet_fused.convert_sync_batchnorm(copy.deepcopy(bn))
+    assert type(sbn) is rfm.SyncBatchNorm2d
+    x1 = torch.randn(3, 6, 5, 5, dtype=torch.float64, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    with resnet_fused.use_backend("reference"), resnet_fused.dispatch_trace() as trace:
+        y1 = sbn(x1)
+    assert trace and trace[0][0] == "conv_bn_relu"  # the fused operator ran (identity conv)
+    y2 = bn(x2)
+    assert_close(y1, y2, 1e-12, 1e-12)
+    g = torch.randn_like(y2)
+    (g1,) = torch.autograd.grad(y1, x1, g)
+    (g2,) = torch.autograd.grad(y2, x2, g)
+    assert_close(g1, g2, 1e-12, 1e-10)
+    assert_close(sbn.running_var, bn.running_var, 1e-14, 1e-14)
+    assert int(sbn.num_batches_tracked) == int(bn.num_batches_tracked) == 1

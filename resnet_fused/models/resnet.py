@@ -30,7 +30,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from ..ops.conv_bn_relu import conv_bn_relu
 from ..ops.conv_bn_relu.inference import conv_affine_act, fold_bn
 
-__all__ = ["ResNet", "BasicBlock", "Bottleneck", "fuse"]
+__all__ = ["ResNet", "BasicBlock", "Bottleneck", "SyncBatchNorm2d", "fuse", "convert_sync_batchnorm"]
 
 
 # --- one conv + norm pair ---------------------------------------------------------------------
@@ -39,8 +39,38 @@ def _fusable_conv(conv) -> bool:
             and isinstance(conv.padding, tuple))
 
 
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose batch statistics are merged across ``process_group`` (None: the
+    default group) in training, on any device — the CPU (gloo) included, where torch's
+    ``nn.SyncBatchNorm`` refuses to run (and DistributedDataParallel refuses CPU modules that
+    hold one). Same parameters, buffers and state_dict as ``nn.BatchNorm2d``.
+
+    Inside a fused block it is fused with its conv; standing alone it runs as the fused
+    operator with an identity depthwise 1x1 conv (exact: every product is by 1.0)."""
+
+    def __init__(self, *args, process_group=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or x.dim() != 4:
+            return super().forward(x)
+        use_batch, momentum, rm, rv = _bn_state(self)
+        C = x.shape[1]
+        eye = torch.ones(C, 1, 1, 1, dtype=x.dtype, device=x.device)
+        return conv_bn_relu(x, eye, self.weight, self.bias, rm, rv, groups=C, training=use_batch, momentum=momentum,
+                            eps=self.eps, relu=False, process_group=_group_of(self))
+
+
+def _group_of(bn):
+    return bn.process_group if bn.process_group is not None else True  # True: the default group
+
+
+_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm2d, FrozenBatchNorm2d)
+
+
 def _fusable(conv, bn) -> bool:
-    return _fusable_conv(conv) and (type(bn) in (nn.BatchNorm2d, FrozenBatchNorm2d))
+    return _fusable_conv(conv) and type(bn) in _NORMS
 
 
 def _bn_state(bn):
@@ -104,9 +134,10 @@ def conv_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor, residual: Optional[Tensor
             if residual is None or residual.dtype == dt:
                 return conv_affine_act(x, w, None, bias, residual, conv.stride, conv.padding, conv.dilation,
                                        conv.groups, relu)
+    group = _group_of(bn) if use_batch and type(bn) in (nn.SyncBatchNorm, SyncBatchNorm2d) else None
     return conv_bn_relu(x, conv.weight, g, b, rm, rv, stride=conv.stride, padding=conv.padding,
                         dilation=conv.dilation, groups=conv.groups, training=use_batch, momentum=momentum,
-                        eps=bn.eps, residual=residual, relu=relu)
+                        eps=bn.eps, residual=residual, relu=relu, process_group=group)
 
 
 def _downsample(ds: Optional[nn.Module], x: Tensor) -> Tensor:
@@ -178,6 +209,29 @@ def fuse(model: nn.Module) -> nn.Module:
         elif t is tvr.ResNet:
             m.__class__ = ResNet
     return model
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
+    """Replace every ``nn.BatchNorm2d`` with :class:`SyncBatchNorm2d` (sharing its
+    parameters and buffers: the state_dict is unchanged) and fuse the blocks. In training the
+    batch statistics are then merged across ``process_group`` (default: the whole world):
+    one collective per BatchNorm layer in the forward (gathering each rank's count, mean
+    and M2 from the conv epilogue) and one in the backward, on any device and backend, the
+    CPU (gloo) included. Returns the model (a new object only if ``model`` itself is a
+    BatchNorm2d, as torch's converter does)."""
+    if type(model) is nn.BatchNorm2d:
+        new = SyncBatchNorm2d(model.num_features, model.eps, model.momentum, model.affine,
+                              model.track_running_stats, process_group=process_group)
+        new.weight, new.bias = model.weight, model.bias
+        new.running_mean, new.running_var = model.running_mean, model.running_var
+        new.num_batches_tracked = model.num_batches_tracked
+        new.train(model.training)
+        return new
+    for name, child in model.named_children():
+        new = convert_sync_batchnorm(child, process_group)
+        if new is not child:
+            setattr(model, name, new)
+    return fuse(model)
 
 
 # --- constructors -----------------------------------------------------------------------------

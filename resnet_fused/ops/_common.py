@@ -28,3 +28,26 @@ def as_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if t.stride() == like.stride():
         return t
     return torch.empty_like(like).copy_(t)
+
+
+@torch.compiler.assume_constant_result
+def conv_allows_tf32() -> bool:
+    """Whether PyTorch's convolutions may use TF32 (cuDNN), read through the new precision
+    API where it exists: the legacy ``torch.backends.cudnn.allow_tf32`` getter raises once the
+    new API has been used. Constant for torch.compile (a change recompiles nothing)."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    p = getattr(conv, "fp32_precision", None)
+    if p in ("tf32", "ieee"):
+        return p == "tf32"
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        return False
+
+
+def device_guard(t: torch.Tensor):
+    """Make t's GPU the current device: Triton launches on the current device and stream,
+    not on the tensors' device."""
+    import contextlib
+
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import _backends
 from .._triton import HAS_TRITON, tl, triton
-from ._common import as_layout, check_float, check_same
+from ._common import as_layout, check_float, check_same, device_guard
 
 OP = "add_relu"
 
@@ -89,7 +89,8 @@ _IMPLS = {"reference": _add_relu_reference_backend, "triton": add_relu_triton, "
 @torch.library.custom_op("resnet_fused::add_relu", mutates_args=())
 def _add_relu_op(x: Tensor, residual: Tensor, backend: str) -> Tensor:
     _backends.note(OP, backend)
-    return _IMPLS[backend](x, residual)
+    with device_guard(x):
+        return _IMPLS[backend](x, residual)
 
 
 @_add_relu_op.register_fake

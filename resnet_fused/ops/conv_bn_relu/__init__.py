@@ -30,6 +30,8 @@ from ... import _backends
 from ..._triton import HAS_TRITON
 from . import cuda as _cuda_impl
 from . import reference as _ref_impl
+from . import sync as _sync
+from .._common import conv_allows_tf32, device_guard
 from .reference import CL, acc_dtype, conv_bn_relu_reference
 
 if HAS_TRITON:
@@ -76,11 +78,18 @@ def _fwd_op(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Opt
             running_mean: Optional[Tensor], running_var: Optional[Tensor], residual: Optional[Tensor],
             stride: list[int], padding: list[int], dilation: list[int], groups: int, training: bool,
             momentum: float, eps: float, relu: bool, store_z: bool, allow_tf32: bool,
-            backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            backend: str, sync_group: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out, z, mean, invstd, new_running_mean, new_running_var): z is the raw conv
     output (empty unless training or store_z); mean/invstd are the batch statistics
     (training) or the running ones (eval); the new running statistics are empty unless
     training with running statistics."""
+    with device_guard(x):
+        return _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
+                        dilation, groups, training, momentum, eps, relu, store_z, allow_tf32, backend, sync_group)
+
+
+def _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation, groups,
+             training, momentum, eps, relu, store_z, allow_tf32, backend, sync_group):
     _backends.note(OP, backend)
     B = _IMPLS[backend]
     N, C, H, W = x.shape
@@ -97,7 +106,11 @@ def _fwd_op(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Opt
     common = dict(ieee=not allow_tf32)
     if training:
         _, z, pm, pm2, rows = B.conv_fwd(x, w, K, P, Q, stride, padding, dilation, groups, training=True, **common)
-        mean, invstd, new_rm, new_rv = B.bn_finalize(pm, pm2, rows, M, running_mean, running_var, momentum, eps)
+        if sync_group:
+            mean, invstd, new_rm, new_rv = _sync.finalize(pm, pm2, rows, M, running_mean, running_var, momentum, eps,
+                                                          sync_group)
+        else:
+            mean, invstd, new_rm, new_rv = B.bn_finalize(pm, pm2, rows, M, running_mean, running_var, momentum, eps)
         scale = gamma * invstd
         out = B.bn_apply(z, scale, beta - mean * scale, residual, relu)
     else:
@@ -117,7 +130,7 @@ def _fwd_op(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Opt
 
 @_fwd_op.register_fake
 def _(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation, groups,
-      training, momentum, eps, relu, store_z, allow_tf32, backend):
+      training, momentum, eps, relu, store_z, allow_tf32, backend, sync_group=0):
     N, C, H, W = x.shape
     K, _, R, S = weight.shape
     P, Q = _out_size(H, W, R, S, stride, padding, dilation)
@@ -135,9 +148,16 @@ def _(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride
 def _bwd_op(grad: Tensor, x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], z: Tensor, out: Tensor,
             mean: Tensor, invstd: Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int,
             training: bool, relu: bool, output_mask: list[bool],
-            backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+            backend: str, sync_group: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (x, weight, bn_weight, bn_bias, residual); entries not asked for in
     output_mask come back empty."""
+    with device_guard(x):
+        return _backward_impl(grad, x, weight, bn_weight, z, out, mean, invstd, stride, padding, dilation, groups,
+                              training, relu, output_mask, backend, sync_group)
+
+
+def _backward_impl(grad, x, weight, bn_weight, z, out, mean, invstd, stride, padding, dilation, groups, training,
+                   relu, output_mask, backend, sync_group):
     _backends.note(OP + "_backward", backend)
     B = _IMPLS[backend]
     need_dx, need_dw, need_dg, need_db, need_dr = output_mask
@@ -155,7 +175,14 @@ def _bwd_op(grad: Tensor, x: Tensor, weight: Tensor, bn_weight: Optional[Tensor]
         sum_gy, sum_gyz = B.bn_bwd_reduce(grad, out, z, mean, relu)
         dbeta, dgamma = sum_gy, sum_gyz * invstd  # sum(gy), sum(gy * xhat)
         if training:
-            b, c = -a * dgamma / M, -a * dbeta / M
+            if sync_group:
+                # SyncBatchNorm: the input gradient needs the sums and count over all ranks; the
+                # parameter gradients stay local (DistributedDataParallel averages them), as in
+                # nn.SyncBatchNorm.
+                g_gy, g_gyz, M = _sync.reduce_grad_sums(sum_gy, sum_gyz, M, sync_group)
+                b, c = -a * (g_gyz * invstd) / M, -a * g_gy / M
+            else:
+                b, c = -a * dgamma / M, -a * dbeta / M
     dz, gres = B.bn_bwd_apply(grad, out, z, mean, invstd, a, b, c, relu, need_dr)
     dx = dw = None
     if need_dx or need_dw:
@@ -173,7 +200,7 @@ def _bwd_op(grad: Tensor, x: Tensor, weight: Tensor, bn_weight: Optional[Tensor]
 
 @_bwd_op.register_fake
 def _(grad, x, weight, bn_weight, z, out, mean, invstd, stride, padding, dilation, groups, training, relu,
-      output_mask, backend):
+      output_mask, backend, sync_group=0):
     e = lambda: x.new_empty(0)  # noqa: E731
     K = weight.shape[0]
     need_dx, need_dw, need_dg, need_db, need_dr = output_mask
@@ -188,23 +215,23 @@ def _(grad, x, weight, bn_weight, z, out, mean, invstd, stride, padding, dilatio
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bn_weight, bn_bias, _rm, _rv, residual, stride, padding, dilation, groups, training, _mom, _eps,
-     relu, _store_z, _tf32, backend) = inputs
+     relu, _store_z, _tf32, backend, sync_group) = inputs
     out, z, mean, invstd, new_rm, new_rv = output
     ctx.save_for_backward(x, weight, bn_weight, z, out, mean, invstd)
-    ctx.conf = (stride, padding, dilation, groups, training, relu, backend)
+    ctx.conf = (stride, padding, dilation, groups, training, relu, backend, sync_group)
     ctx.bias_dtype = bn_bias.dtype if bn_bias is not None else None
     ctx.mark_non_differentiable(z, mean, invstd, new_rm, new_rv)
 
 
 def _backward(ctx, gout, *_unused):
     x, weight, bn_weight, z, out, mean, invstd = ctx.saved_tensors
-    stride, padding, dilation, groups, training, relu, backend = ctx.conf
+    stride, padding, dilation, groups, training, relu, backend, sync_group = ctx.conf
     nig = ctx.needs_input_grad
     mask = [bool(nig[0]), bool(nig[1]), bool(nig[2]), bool(nig[3]), bool(nig[6])]
-    grads = [None] * 18
+    grads = [None] * 19
     if any(mask):
         res = torch.ops.resnet_fused.conv_bn_bwd(gout, x, weight, bn_weight, z, out, mean, invstd, stride, padding,
-                                                 dilation, groups, training, relu, mask, backend)
+                                                 dilation, groups, training, relu, mask, backend, sync_group)
         for slot, need, g in zip((0, 1, 2, 3, 6), mask, res):
             if need:
                 grads[slot] = g.to(ctx.bias_dtype) if slot == 3 and ctx.bias_dtype is not None else g
@@ -231,7 +258,7 @@ def _check_vec(name, t, K, x):
 def conv_bn_relu(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                  running_mean: Optional[Tensor], running_var: Optional[Tensor], *, stride=1, padding=0, dilation=1,
                  groups: int = 1, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
-                 residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+                 residual: Optional[Tensor] = None, relu: bool = True, process_group=None) -> Tensor:
     """Fused ``relu?(batch_norm(conv2d(x, weight)) + residual?)``.
 
     Equals ``F.batch_norm(F.conv2d(x, weight, None, stride, padding, dilation, groups),
@@ -241,6 +268,11 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias
     ``x``, ``weight``, ``bn_weight``, ``bn_bias`` and ``residual``. The output is
     channels_last. Under ``torch.autocast`` the convolution runs in the autocast dtype, as
     ``conv2d`` does (BatchNorm parameters stay as they are).
+
+    ``process_group`` (training only): synchronized BatchNorm. The per-channel statistics
+    from the conv epilogue are gathered across the group (one collective) and merged before
+    the finalize, and the backward's two per-channel sums are all-reduced (one collective),
+    as ``nn.SyncBatchNorm`` does; works on any device and backend, the CPU included.
     """
     if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
         raise TypeError(f"{OP}: x and weight must be Tensors")
@@ -297,10 +329,11 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias
     backend = _backends.resolve(OP, x)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias, residual))
-    allow_tf32 = dev_type == "cuda" and torch.backends.cudnn.allow_tf32
+    allow_tf32 = conv_allows_tf32() and dev_type == "cuda"
     out, _z, _mean, _invstd, new_rm, new_rv = _fwd_op(
         x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation, groups,
-        bool(training), float(momentum), float(eps), bool(relu), needs_grad, allow_tf32, backend)
+        bool(training), float(momentum), float(eps), bool(relu), needs_grad, allow_tf32, backend,
+        _sync.group_key(process_group) if training else 0)
     if training and running_mean is not None:
         with torch.no_grad():
             running_mean.copy_(new_rm)

@@ -41,18 +41,20 @@ def conv_affine_act_op(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift
                        allow_tf32: bool, backend: str) -> Tensor:
     """relu?(conv(x, weight) * scale? + shift + residual?), output channels_last."""
     from . import _IMPLS, _in_layout, _out_size
+    from .._common import device_guard
 
-    _backends.note(OP, backend)
-    N, C, H, W = x.shape
-    K, _, R, S = weight.shape
-    P, Q = _out_size(H, W, R, S, stride, padding, dilation)
-    if residual is not None:
-        residual = _in_layout(residual, residual.shape, CL)
-    w = weight.permute(0, 2, 3, 1).contiguous() if backend == "triton" else weight
-    out, _, _, _, _ = _IMPLS[backend].conv_fwd(x, w, K, P, Q, stride, padding, dilation, groups, training=False,
-                                               scale=scale, shift=shift, residual=residual, relu=relu,
-                                               ieee=not allow_tf32)
-    return _in_layout(out, (N, K, P, Q), CL)
+    with device_guard(x):
+        _backends.note(OP, backend)
+        N, C, H, W = x.shape
+        K, _, R, S = weight.shape
+        P, Q = _out_size(H, W, R, S, stride, padding, dilation)
+        if residual is not None:
+            residual = _in_layout(residual, residual.shape, CL)
+        w = weight.permute(0, 2, 3, 1).contiguous() if backend == "triton" else weight
+        out, _, _, _, _ = _IMPLS[backend].conv_fwd(x, w, K, P, Q, stride, padding, dilation, groups, training=False,
+                                                   scale=scale, shift=shift, residual=residual, relu=relu,
+                                                   ieee=not allow_tf32)
+        return _in_layout(out, (N, K, P, Q), CL)
 
 
 @conv_affine_act_op.register_fake
@@ -70,6 +72,8 @@ def conv_affine_act(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: T
     """Inference-only fused conv; arguments as :func:`conv_bn_relu` after :func:`fold_bn`
     (callers validate shapes: the models do so through the module structure)."""
     backend = _backends.resolve(OP, x)
-    allow_tf32 = x.device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    from .._common import conv_allows_tf32
+
+    allow_tf32 = conv_allows_tf32() and x.device.type == "cuda"
     return conv_affine_act_op(x, weight, scale, shift, residual, list(stride), list(padding), list(dilation), groups,
                               relu, allow_tf32, backend)

@@ -86,7 +86,8 @@ def bn_apply(z, scale, shift, residual, relu):
 
 
 def _gy(grad, out, relu):
-    return torch.where(out > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)) if relu else grad
+    # As threshold_backward: zero where out <= 0 (a NaN output passes the gradient).
+    return torch.where(out <= 0, torch.zeros((), dtype=grad.dtype, device=grad.device), grad) if relu else grad
 
 
 def bn_bwd_reduce(grad, out, z, mean, relu):

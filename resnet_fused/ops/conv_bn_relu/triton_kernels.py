@@ -27,8 +27,8 @@ _ELEM_BLOCK = 1024
 def _conv_configs():
     cfgs = []
     for bm, bn, bc, warps, stages in [
-        (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 3),
-        (64, 64, 32, 4, 4), (128, 64, 64, 8, 3), (64, 32, 32, 4, 3), (32, 32, 16, 4, 2),
+        (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 64, 64, 8, 3),
+        (64, 64, 32, 4, 4), (64, 64, 64, 4, 3), (64, 32, 32, 4, 3), (32, 32, 16, 4, 2),
     ]:
         cfgs.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc), num_warps=warps, num_stages=stages))
     return cfgs
@@ -68,7 +68,7 @@ def _conv_fwd_kernel(
     n = t // P
     h0 = p * SH - PH
     w0 = q * SW - PW
-    x_row = x_ptr + n * sxn + (g * Cg) * sxc  # [BLOCK_M] pointers at (n, group's first channel)
+    x_row = x_ptr + n * sxn + (g * Cg).to(tl.int64) * sxc  # [BLOCK_M] pointers at (n, group's first channel)
     w_col = w_ptr + offs_k.to(tl.int64) * (R * S * Cg)  # [BLOCK_N]
     offs_c = tl.arange(0, BLOCK_C)
 
@@ -89,7 +89,8 @@ def _conv_fwd_kernel(
         for c0 in range(0, Cg, BLOCK_C):
             cc = c0 + offs_c
             c_mask = cc < Cg
-            a = tl.load(a_row[:, None] + cc[None, :] * sxc, mask=valid[:, None] & c_mask[None, :], other=0.0)
+            a = tl.load(a_row[:, None] + cc[None, :].to(tl.int64) * sxc, mask=valid[:, None] & c_mask[None, :],
+                        other=0.0)
             b = tl.load(b_col[None, :] + cc[:, None], mask=c_mask[:, None] & k_mask[None, :], other=0.0)
             if F64:
                 # fp64 (gradcheck) has no tensor-core path: exact products, summed in fp64.
@@ -134,7 +135,8 @@ _conv_fwd_tuned = triton.autotune(
     configs=_conv_configs(),
     # Each config rewrites every output it owns (the statistics buffers are sized for the
     # smallest BLOCK_M), so benchmarking configs on the live buffers is harmless.
-    key=["M", "K", "C", "Cg", "H", "W", "SH", "R", "S", "TRAINING", "HAS_RES", "HAS_SCALE"],
+    key=["M", "K", "C", "Cg", "H", "W", "P", "Q", "SH", "SW", "PH", "PW", "DH", "DW", "R", "S", "sxc", "TRAINING",
+         "HAS_RES", "RELU", "STORE_Z", "HAS_SCALE", "IEEE"],
 )(_conv_fwd_kernel)
 
 _MIN_BLOCK_M = 16  # smallest BLOCK_M among the configs above and the interpreter's
@@ -180,6 +182,8 @@ def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training,
         pm2 = torch.empty((g_max, K), device=dev, dtype=acc_dt)
     if M == 0:
         return out, z, pm, pm2, block_m or _MIN_BLOCK_M
+    if groups * triton.cdiv(Kg, 16) > 65535:
+        raise ValueError(f"conv_bn_relu (triton): {groups} groups x {Kg} channels exceed the launch grid")
     dummy = x  # never dereferenced when its flag is off
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), groups * triton.cdiv(Kg, meta["BLOCK_N"]))
     kernel[grid](
@@ -245,7 +249,10 @@ def _bn_finalize_kernel(
         d = pm - mean[None, :]
         s2 += tl.where(msk, p2 + cnt[:, None] * d * d, 0.0)
     var = tl.sum(s2, axis=0) / Mf  # biased: used to normalise
-    invstd = 1.0 / tl.sqrt(var + eps)
+    if F64:
+        invstd = 1.0 / tl.sqrt(var + eps)  # fp64 sqrt and division are IEEE-rounded already
+    else:
+        invstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))  # IEEE-rounded, not the approximate fp32 ones
     tl.store(mean_ptr + offs_k, mean, mask=k_mask)
     tl.store(invstd_ptr + offs_k, invstd, mask=k_mask)
     if UPDATE:
@@ -339,7 +346,7 @@ def _bn_bwd_reduce_kernel(
         gy = tl.load(grad_ptr + idx, mask=msk, other=0.0).to(mean.dtype)
         if RELU:
             o = tl.load(out_ptr + idx, mask=msk, other=0.0)
-            gy = tl.where(o > 0, gy, 0.0)
+            gy = tl.where(o <= 0, 0.0, gy)  # as threshold_backward: NaN passes
         zc = tl.load(z_ptr + idx, mask=msk, other=0.0).to(mean.dtype) - mean[None, :]
         acc += gy
         accz += tl.where(msk, gy * zc, 0.0)
@@ -381,7 +388,7 @@ def _bn_bwd_apply_kernel(
     gy = tl.load(grad_ptr + offs, mask=mask, other=0.0)
     if RELU:
         o = tl.load(out_ptr + offs, mask=mask, other=0.0)
-        gy = tl.where(o > 0, gy, 0.0)
+        gy = tl.where(o <= 0, 0.0, gy)  # as threshold_backward: NaN passes
     if STORE_GRES:
         tl.store(gres_ptr + offs, gy.to(gres_ptr.dtype.element_ty), mask=mask)
     dz = a * gy.to(a.dtype)
