@@ -379,3 +379,93 @@ def test_device_mismatch():
         _call(x, w.cuda(), bn, **conv)
     with pytest.raises(RuntimeError, match="residual is on cuda"):
         _call(x, w, bn, residual=res.cuda(), **conv)
+
+
+@pytest.mark.parametrize("case", BACKEND_DEVICE)
+@pytest.mark.parametrize("shape", [(1, 5, 7, 1, 1, 1), (1, 13, 11, 7, 7, 3), (2, 3, 17, 1, 1, 3), (2, 19, 5, 7, 7, 7)],
+                         ids=["1x1-spatial", "7x7-input", "1x1-pad", "odd-channels-7x7k"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_odd_sizes(case, shape, training):
+    backend, device = case
+    N, C, K, H, W, k = shape
+    if training and N * H * W < 2:
+        N = 2
+    geom = (C, K, H, W, k, 1, k // 2, 1, 1)
+    x, w, bn, res, conv = make(geom, device, N=N)
+    out, bn_o = run(backend, x, w, bn, res, conv, training=training)
+    exp, bn_e = ref(x, w, bn, res, conv, training=training)
+    assert_close(out, exp, 1e-4, 1e-4)
+    assert_close(bn_o["running_var"], bn_e["running_var"], 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("case", BACKEND_DEVICE)
+def test_fp16_overflow_like_eager(case):
+    # Conv outputs beyond fp16's range are inf in eager before the BatchNorm sees them; the
+    # fused kernels round their accumulator the same way, so inf (and the NaN that the
+    # normalisation of inf gives in training) land where eager's do.
+    backend, device = case
+    x, w, bn, res, conv = make("1x1s1", device, torch.float16)
+    bn = _bn_params_to(bn, torch.float16)
+    bn["running_var"] = torch.full_like(bn["running_var"], 1e4)  # scale ~1e-2: y would fit fp16 if z did not
+    x = x.clone()
+    x[0, :, 0, 0] = 30000.0
+    w = w.abs() * 4
+    for training in (False,):
+        out, _ = run(backend, x, w, bn, None, conv, training=training, relu=False)
+        exp, _ = ref(x, w, bn, None, conv, training=training, relu=False)
+        assert torch.isinf(exp).any()
+        assert torch.equal(torch.isinf(out), torch.isinf(exp)) and torch.equal(torch.isnan(out), torch.isnan(exp))
+        fin = torch.isfinite(exp)
+        assert_close(out[fin].float(), exp[fin].float(), 2e-2, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="no CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_deterministic_training_is_bitwise_reproducible(backend):
+    if backend not in resnet_fused.available_backends() or _triton.interpreting():
+        pytest.skip(f"{backend} not runnable here")
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    try:
+        results = []
+        for _ in range(2):
+            x, w, bn, res, conv = make((64, 128, 28, 28, 3, 1, 1, 1, 1), "cuda", torch.bfloat16, N=16)
+            w.requires_grad_()
+            with resnet_fused.use_backend(backend):
+                out, bn_o = run(backend, x, w, bn, res, conv, training=True)
+                (gw,) = torch.autograd.grad(out.float().square().sum(), w)
+            results.append((out, gw, bn_o["running_var"]))
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="no CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_more_than_2_pow_31_elements(backend):
+    # 64-bit offsets: a stem conv whose output has 2.17e9 elements (bf16, 4.3 GB); the last
+    # images, whose offsets exceed 2^31, are checked against cuDNN + eager BatchNorm.
+    if backend not in resnet_fused.available_backends() or _triton.interpreting():
+        pytest.skip(f"{backend} not runnable here")
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs a GPU with 40 GB")
+    N = 2700
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(N, 3, 224, 224, device="cuda", dtype=torch.bfloat16, generator=g)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(64, 3, 7, 7, device="cuda", generator=g) * 0.1).to(torch.bfloat16)
+    gamma, beta = torch.rand(64, device="cuda") + 0.5, torch.randn(64, device="cuda")
+    rm, rv = torch.randn(64, device="cuda") * 0.1, torch.rand(64, device="cuda") + 0.5
+    with torch.no_grad(), resnet_fused.use_backend(backend):
+        out = conv_bn_relu(x, w, gamma, beta, rm, rv, stride=2, padding=3)
+    assert out.numel() > 2**31
+    tail = slice(N - 4, N)
+    with torch.no_grad():
+        exp = conv_bn_relu_reference(x[tail], w, gamma, beta, rm, rv, stride=2, padding=3)
+    err = (out[tail].float() - exp.float()).abs().max().item()
+    assert err < 0.1 * exp.float().abs().max().item()
+    del out
+    torch.cuda.empty_cache()

@@ -50,8 +50,18 @@ def _close(a, b, tol, what):
             assert err <= tol * (b[k].abs().max().item() + 1e-12), f"{what} {k}: {err}"
 
 
-def test_ddp_fused_matches_eager_ddp(tmp_path):
-    r0, r1 = launch(tmp_path, "ddp")
+MULTI_GPU = "__import__('torch').cuda.device_count() < 2"
+DEVICES = [pytest.param(("cpu", "reference"), id="gloo-cpu"),
+           pytest.param(("cuda", "triton"), id="nccl-triton", marks=[pytest.mark.gpu, pytest.mark.skipif(
+               MULTI_GPU, reason="needs 2 GPUs")]),
+           pytest.param(("cuda", "cuda"), id="nccl-cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+               MULTI_GPU, reason="needs 2 GPUs")])]
+
+
+@pytest.mark.parametrize("setup", DEVICES)
+def test_ddp_fused_matches_eager_ddp(tmp_path, setup):
+    device, backend = setup
+    r0, r1 = launch(tmp_path, "ddp", device=device, backend=backend)
     for r in (r0, r1):
         assert r["fused_ran"] > 0  # the fused operators ran
         torch.testing.assert_close(torch.stack(r["fused_loss"]), torch.stack(r["eager_loss"]), atol=1e-10, rtol=1e-9)
@@ -62,8 +72,10 @@ def test_ddp_fused_matches_eager_ddp(tmp_path):
     _close({k: r0["fused"][k] for k in params}, {k: r1["fused"][k] for k in params}, 0, "rank 0 vs rank 1")
 
 
-def test_sync_batchnorm_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
-    r0, r1 = launch(tmp_path, "syncbn")
+@pytest.mark.parametrize("setup", DEVICES)
+def test_sync_batchnorm_two_ranks_equal_one_process_on_the_whole_batch(tmp_path, setup):
+    device, backend = setup
+    r0, r1 = launch(tmp_path, "syncbn", device=device, backend=backend)
     # One process, the concatenated batch, plain BatchNorm: what SyncBatchNorm must reproduce.
     torch.manual_seed(0)
     model = resnet_fused.resnet18(num_classes=5).double()

@@ -435,3 +435,43 @@ def test_standalone_sync_batchnorm2d_equals_batchnorm2d():
     assert_close(g1, g2, 1e-12, 1e-10)
     assert_close(sbn.running_var, bn.running_var, 1e-14, 1e-14)
     assert int(sbn.num_batches_tracked) == int(bn.num_batches_tracked) == 1
+
+
+def _gpu_backends():
+    from resnet_fused import _triton
+
+    return [b for b in ("triton", "cuda") if b in resnet_fused.available_backends()
+            and not (b == "triton" and _triton.interpreting())]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="no CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_no_host_sync_cuda_graph_and_autocast(backend):
+    if backend not in _gpu_backends():
+        pytest.skip(f"{backend} not runnable here")
+    ours, theirs = pair("resnet50", num_classes=10)
+    ours.cuda().to(memory_format=torch.channels_last)
+    theirs.cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 64, 64, device="cuda").to(memory_format=torch.channels_last)
+    with resnet_fused.use_backend(backend):
+        # training step under autocast: no host synchronisation anywhere in the forward
+        with torch.autocast("cuda", torch.bfloat16):
+            ours(x)  # warm-up (autotuning may synchronise)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = ours(x)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            ref = theirs(x)
+        assert out.dtype == torch.bfloat16
+        assert (out.float() - ref.float()).abs().max().item() < 0.1 * ref.float().abs().max().item() + 0.05
+        ours.eval()
+        theirs.eval()
+        with torch.inference_mode():
+            run = resnet_fused.capture(ours, x)
+            got = run(x).clone()
+            x2 = torch.randn_like(x)
+            got2 = run(x2).clone()
+            rel_close(got, theirs(x), 1e-2)
+            rel_close(got2, theirs(x2), 1e-2)

@@ -9,6 +9,8 @@ with the input patch gathered on the fly (zero padding by masking), tensor cores
   * training: stores the raw conv output z and this tile's per-channel mean and M2 (sum of
               squared deviations from the tile mean), merged later with Chan's formula:
               exact, deterministic (no atomics) and free of the E[z^2]-E[z]^2 cancellation.
+fp16/bf16 accumulators are rounded to the activation dtype before the epilogue, as PyTorch's
+conv output is before its BatchNorm (overflow gives inf as in eager).
 """
 from __future__ import annotations
 
@@ -103,12 +105,17 @@ def _conv_fwd_kernel(
             else:
                 acc = tl.dot(a, b, acc)
 
+    if not F64 and not F32:
+        # fp16 / bf16: round the conv output to the activation dtype first, as PyTorch's conv
+        # does before the BatchNorm sees it; overflow to inf behaves as in eager, and the
+        # batch statistics describe exactly the stored z.
+        acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
     mk = offs_m[:, None] * K + offs_k[None, :]
     mask = m_mask[:, None] & k_mask[None, :]
     if STORE_Z:
         tl.store(z_ptr + mk, acc.to(z_ptr.dtype.element_ty), mask=mask)
     if TRAINING:
-        # This tile's statistics of the exact accumulator: count, mean, M2.
+        # This tile's statistics of the conv output: count, mean, M2.
         cnt = tl.minimum(M - pid_m.to(tl.int64) * BLOCK_M, BLOCK_M).to(acc.dtype)
         accm = tl.where(m_mask[:, None], acc, 0.0)
         mean = tl.sum(accm, axis=0) / cnt
@@ -140,6 +147,7 @@ _conv_fwd_tuned = triton.autotune(
 )(_conv_fwd_kernel)
 
 _MIN_BLOCK_M = 16  # smallest BLOCK_M among the configs above and the interpreter's
+_DETERMINISTIC = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_C=32, num_warps=4, num_stages=3)
 
 
 def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training, scale=None, shift=None,
@@ -171,6 +179,12 @@ def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training,
         kernel, cfg = _conv_fwd_kernel, dict(_INTERP_SMALL if small else _INTERP_LARGE)
         if dt == torch.float64 and not interp:
             cfg.update(BLOCK_M=32, BLOCK_N=32, BLOCK_C=8)
+        block_m = cfg["BLOCK_M"]
+    elif torch.are_deterministic_algorithms_enabled():
+        # Autotuning picks configs by timing, so two processes may pick different BLOCK_M and
+        # therefore group the statistics partials differently (different rounding): a fixed
+        # config keeps results bitwise reproducible run to run.
+        kernel, cfg = _conv_fwd_kernel, dict(_DETERMINISTIC)
         block_m = cfg["BLOCK_M"]
     else:
         kernel, cfg, block_m = _conv_fwd_tuned, {}, None
