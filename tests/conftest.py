@@ -64,6 +64,15 @@ def assert_close(actual, expected, atol, rtol, msg=""):
                                msg=lambda m: f"{msg} {report_mismatch(actual, expected, atol, rtol)}\n{m}")
 
 
+@pytest.fixture
+def ieee_fp32():
+    """fp32 convolutions in IEEE precision (no TF32) on the GPU, for tight parity."""
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = prev
+
+
 @pytest.fixture(autouse=True)
 def _restore_backend():
     before = resnet_fused.get_backend()

@@ -34,12 +34,7 @@ GEOMETRIES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _ieee_fp32():
-    prev = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = prev
+pytestmark = pytest.mark.usefixtures("ieee_fp32")
 
 
 def make(geom, device, dtype=torch.float32, N=2, seed=0, residual=True, affine=True):

@@ -32,12 +32,7 @@ NAMES = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext5
          "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
 
 
-@pytest.fixture(autouse=True)
-def _ieee_fp32():
-    prev = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = prev
+pytestmark = pytest.mark.usefixtures("ieee_fp32")
 
 
 def pair(name, seed=0, **kw):

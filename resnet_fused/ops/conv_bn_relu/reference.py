@@ -59,11 +59,18 @@ def conv_fwd(x, weight, K, P, Q, stride, padding, dilation, groups, *, training,
     return out, (z if store_z else None), None, None, 0
 
 
-def bn_finalize(pmean, pm2, rows, M, running_mean, running_var, momentum, eps):
+def merge_partials(pmean, pm2, rows, M):
+    """Chan's merge of G partial (mean, M2), each over ``rows`` rows (the last over the
+    rest): the channel mean and M2 over all M rows."""
     G = pmean.shape[0]
     cnt = torch.clamp(M - torch.arange(G, device=pmean.device, dtype=pmean.dtype) * rows, max=rows)[:, None]
     mean = (cnt * pmean).sum(0) / M
-    var = (pm2 + cnt * (pmean - mean) ** 2).sum(0) / M
+    return mean, (pm2 + cnt * (pmean - mean) ** 2).sum(0)
+
+
+def bn_finalize(pmean, pm2, rows, M, running_mean, running_var, momentum, eps):
+    mean, m2 = merge_partials(pmean, pm2, rows, M)
+    var = m2 / M
     invstd = torch.rsqrt(var + eps)
     if running_mean is None:
         return mean, invstd, None, None

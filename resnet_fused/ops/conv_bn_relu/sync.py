@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .reference import merge_partials
+
 _GROUPS: dict[int, object] = {}
 
 
@@ -30,17 +32,9 @@ def group_key(process_group) -> int:
     return key
 
 
-def _local_moments(pm, pm2, rows, M):
-    G = pm.shape[0]
-    cnt = torch.clamp(M - torch.arange(G, device=pm.device, dtype=pm.dtype) * rows, max=rows)[:, None]
-    mean = (cnt * pm).sum(0) / M
-    m2 = (pm2 + cnt * (pm - mean) ** 2).sum(0)
-    return mean, m2
-
-
 def finalize(pm, pm2, rows, M, running_mean, running_var, momentum, eps, key):
     group = _GROUPS[key]
-    mean, m2 = _local_moments(pm, pm2, rows, M)
+    mean, m2 = merge_partials(pm, pm2, rows, M)
     local = torch.stack([torch.full_like(mean, M), mean, m2])  # [3, K]
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, local, group=group)

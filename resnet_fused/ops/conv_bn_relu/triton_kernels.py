@@ -36,6 +36,8 @@ def _conv_configs():
     return cfgs
 
 
+# Loop bounds in these kernels are compile-time constants (Cg, R*S, the finalize's trip
+# count): Triton 3.6's interpreter cannot loop over a runtime scalar under NumPy >= 2.4.
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr,  # [N, C, H, W] input, any strides (NHWC is the fast layout)
@@ -45,10 +47,11 @@ def _conv_fwd_kernel(
     scale_ptr, shift_ptr,  # [K] folded BatchNorm, accumulator dtype (eval)
     res_ptr,  # [M, K] residual, NHWC dense (eval, HAS_RES)
     pmean_ptr, pm2_ptr,  # [cdiv(M, BLOCK_M), K] per-tile mean / M2 (training)
-    C, H, W, K, P, Q, M, Cg, Kg,
+    C, H, W, K, P, Q, M, Kg,
     sxn, sxc, sxh, sxw,
     SH, SW, PH, PW, DH, DW,
     R: tl.constexpr, S: tl.constexpr,
+    Cg: tl.constexpr,  # input channels per group: a compile-time loop bound (a handful of values per network)
     TRAINING: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STORE_Z: tl.constexpr,
     HAS_SCALE: tl.constexpr,  # eval: False when the scale is folded into the weight (shift = bias)
     IEEE: tl.constexpr,  # fp32 inputs: IEEE fp32 products instead of TF32
@@ -206,10 +209,10 @@ def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training,
         scale if scale is not None else dummy, shift if shift is not None else dummy,
         residual if residual is not None else dummy,
         pm if pm is not None else dummy, pm2 if pm2 is not None else dummy,
-        C, H, W, K, P, Q, M, Cg, Kg,
+        C, H, W, K, P, Q, M, Kg,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        R=R, S=S, TRAINING=training, HAS_RES=residual is not None, RELU=relu, STORE_Z=z is not None,
+        R=R, S=S, Cg=Cg, TRAINING=training, HAS_RES=residual is not None, RELU=relu, STORE_Z=z is not None,
         HAS_SCALE=scale is not None, IEEE=ieee, **cfg,
     )
     if block_m is None:
@@ -229,6 +232,7 @@ def _bn_finalize_kernel(
     G, K, M, ROWS,
     mom_hi, mom_lo, eps_hi, eps_lo,  # momentum and eps as fp32 (hi + lo) pairs: exact enough for fp64
     UPDATE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+    G_STEPS: tl.constexpr,  # >= cdiv(G, BLOCK_G), a power of two (few compiled variants; masked)
 ):
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
@@ -240,8 +244,8 @@ def _bn_finalize_kernel(
         zero = tl.zeros((BLOCK_G, BLOCK_K), dtype=tl.float32)
     # Chan's parallel merge: mean = sum(n_i mean_i) / M,  M2 = sum(M2_i + n_i (mean_i - mean)^2).
     s = zero
-    for g0 in range(0, G, BLOCK_G):
-        gg = g0 + offs_g
+    for gi in range(0, G_STEPS):
+        gg = gi * BLOCK_G + offs_g
         msk = (gg < G)[:, None] & k_mask[None, :]
         cnt = tl.minimum(M - gg.to(tl.int64) * ROWS, ROWS).to(zero.dtype)
         pm = tl.load(pmean_ptr + gg[:, None].to(tl.int64) * K + offs_k[None, :], mask=msk, other=0.0)
@@ -253,8 +257,8 @@ def _bn_finalize_kernel(
     eps = (zk + eps_hi) + eps_lo
     mean = tl.sum(s, axis=0) / Mf
     s2 = zero
-    for g0 in range(0, G, BLOCK_G):
-        gg = g0 + offs_g
+    for gi in range(0, G_STEPS):
+        gg = gi * BLOCK_G + offs_g
         msk = (gg < G)[:, None] & k_mask[None, :]
         cnt = tl.minimum(M - gg.to(tl.int64) * ROWS, ROWS).to(zero.dtype)
         idx = gg[:, None].to(tl.int64) * K + offs_k[None, :]
@@ -299,7 +303,7 @@ def bn_finalize(pmean, pm2, rows, M, running_mean, running_var, momentum, eps):
         running_mean if update else mean, running_var if update else mean,
         new_rm if update else mean, new_rv if update else mean,
         G, K, M, rows, *_split(momentum), *_split(eps),
-        UPDATE=update, BLOCK_G=32, BLOCK_K=block_k,
+        UPDATE=update, BLOCK_G=32, BLOCK_K=block_k, G_STEPS=triton.next_power_of_2(triton.cdiv(G, 32)),
     )
     return mean, invstd, new_rm, new_rv
 
@@ -343,7 +347,8 @@ def _bn_bwd_reduce_kernel(
     z_ptr,  # [M, K] conv output
     mean_ptr,  # [K]
     psum_ptr, psumz_ptr,  # [G, K] partial sums of gy and gy * (z - mean)
-    M, K, ROWS,
+    M, K,
+    ROWS: tl.constexpr,  # rows per partial (a loop bound)
     RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_g = tl.program_id(0)
@@ -380,7 +385,7 @@ def bn_bwd_reduce(grad, out, z, mean, relu):
     if M:
         bk = 16 if interpreting() else 64
         _bn_bwd_reduce_kernel[(G, triton.cdiv(K, bk))](
-            grad, out, z, mean, psum, psumz, M, K, rows, RELU=relu, BLOCK_M=min(rows, 32), BLOCK_K=bk)
+            grad, out, z, mean, psum, psumz, M, K, ROWS=rows, RELU=relu, BLOCK_M=min(rows, 32), BLOCK_K=bk)
     # A fixed-order sum over the partials: deterministic.
     return psum.sum(0), psumz.sum(0)
 
