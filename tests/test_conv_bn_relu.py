@@ -464,3 +464,16 @@ def test_more_than_2_pow_31_elements(backend):
     assert err < 0.1 * exp.float().abs().max().item()
     del out
     torch.cuda.empty_cache()
+
+
+@pytest.mark.skipif(not _triton.HAS_TRITON, reason="triton not importable")
+def test_autotune_pruning_keeps_fitting_tiles():
+    from resnet_fused.ops.conv_bn_relu import triton_kernels as tk
+
+    cfgs = tk._conv_configs()
+    tiles = lambda **a: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_C"])  # noqa: E731
+                         for c in tk._prune_configs(cfgs, a)}
+    stem = tiles(Cg=3, Kg=64, M=802816)
+    assert stem and all(bc == 16 and bn <= 64 for _, bn, bc in stem)  # 3 channels: no 32/64-wide channel tiles
+    assert len(tiles(Cg=512, Kg=512, M=12544)) == len(cfgs)  # a big GEMM keeps every candidate
+    assert tiles(Cg=4, Kg=4, M=7) == {(32, 32, 16)}  # nothing fits: the smallest config remains

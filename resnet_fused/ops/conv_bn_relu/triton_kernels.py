@@ -14,6 +14,8 @@ conv output is before its BatchNorm (overflow gives inf as in eager).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..._triton import interpreting, tl, triton
@@ -27,13 +29,31 @@ _ELEM_BLOCK = 1024
 
 
 def _conv_configs():
-    cfgs = []
-    for bm, bn, bc, warps, stages in [
-        (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 64, 64, 8, 3),
-        (64, 64, 32, 4, 4), (64, 64, 64, 4, 3), (64, 32, 32, 4, 3), (32, 32, 16, 4, 2),
-    ]:
-        cfgs.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc), num_warps=warps, num_stages=stages))
-    return cfgs
+    # (BLOCK_M, BLOCK_N, BLOCK_C, warps, stages): large tiles for the big GEMMs, narrow BLOCK_C
+    # for the stem (3 channels) and BLOCK_N 16-32 for grouped convs; pruned per problem below.
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc), num_warps=w, num_stages=st)
+            for bm, bn, bc, w, st in [
+                (128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+                (128, 64, 64, 4, 3), (64, 64, 32, 4, 4), (128, 64, 16, 4, 4), (64, 32, 16, 4, 3), (32, 32, 16, 4, 2),
+            ]]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles much larger than the problem (the stem's 3 channels, grouped convs' few
+    channels per group, small M): they waste the MMA work and the tuning time."""
+    args = {**named_args, **kwargs}
+    cap_c = max(16, triton.next_power_of_2(int(args["Cg"])))
+    cap_n = max(16, triton.next_power_of_2(int(args["Kg"])))
+    cap_m = max(32, triton.next_power_of_2(int(args["M"])))
+    kept = [c for c in configs if c.kwargs["BLOCK_C"] <= cap_c and c.kwargs["BLOCK_N"] <= cap_n
+            and c.kwargs["BLOCK_M"] <= cap_m]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_C"])]
+
+
+def _quick_bench(fn, quantiles=None, **_):
+    # Short timing per config (the default spends ~125 ms each): tuning a whole network stays
+    # within seconds once the kernels are compiled.
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
 # Loop bounds in these kernels are compile-time constants (Cg, R*S, the finalize's trip
@@ -143,6 +163,8 @@ def _conv_fwd_kernel(
 
 _conv_fwd_tuned = triton.autotune(
     configs=_conv_configs(),
+    prune_configs_by={"early_config_prune": _prune_configs},
+    do_bench=_quick_bench,
     # Each config rewrites every output it owns (the statistics buffers are sized for the
     # smallest BLOCK_M), so benchmarking configs on the live buffers is harmless.
     key=["M", "K", "C", "Cg", "H", "W", "P", "Q", "SH", "SW", "PH", "PW", "DH", "DW", "R", "S", "sxc", "TRAINING",
@@ -150,7 +172,10 @@ _conv_fwd_tuned = triton.autotune(
 )(_conv_fwd_kernel)
 
 _MIN_BLOCK_M = 16  # smallest BLOCK_M among the configs above and the interpreter's
-_DETERMINISTIC = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_C=32, num_warps=4, num_stages=3)
+# One fixed configuration: under torch.use_deterministic_algorithms (autotuning picks by timing,
+# so two processes could group the statistics differently) and with RESNET_FUSED_AUTOTUNE=0
+# (no tuning time, e.g. for test suites).
+_FIXED = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_C=32, num_warps=4, num_stages=3)
 
 
 def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training, scale=None, shift=None,
@@ -183,11 +208,8 @@ def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training,
         if dt == torch.float64 and not interp:
             cfg.update(BLOCK_M=32, BLOCK_N=32, BLOCK_C=8)
         block_m = cfg["BLOCK_M"]
-    elif torch.are_deterministic_algorithms_enabled():
-        # Autotuning picks configs by timing, so two processes may pick different BLOCK_M and
-        # therefore group the statistics partials differently (different rounding): a fixed
-        # config keeps results bitwise reproducible run to run.
-        kernel, cfg = _conv_fwd_kernel, dict(_DETERMINISTIC)
+    elif torch.are_deterministic_algorithms_enabled() or os.environ.get("RESNET_FUSED_AUTOTUNE", "1") == "0":
+        kernel, cfg = _conv_fwd_kernel, dict(_FIXED)
         block_m = cfg["BLOCK_M"]
     else:
         kernel, cfg, block_m = _conv_fwd_tuned, {}, None
