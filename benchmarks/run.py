@@ -458,7 +458,19 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="folder for this run's CSVs, summary and plots")
     ap.add_argument("--results", default=os.path.join(HERE, "results"), help="folder of the appended CSVs")
     ap.add_argument("--no-append", action="store_true", help="do not append to the results CSVs")
+    ap.add_argument("--append-from", default=None, metavar="DIR",
+                    help="append the ok rows of another run's --out folder (e.g. fetched from a GPU machine) to "
+                         "the results CSVs, and exit")
     args = ap.parse_args(argv)
+    if args.append_from:
+        for name, cols in (("models.csv", MODEL_COLUMNS), ("ops.csv", OP_COLUMNS)):
+            src = os.path.join(args.append_from, name)
+            if os.path.exists(src):
+                with open(src) as f:
+                    rows = list(csv.DictReader(f))
+                append_csv(os.path.join(args.results, name), cols, rows)
+                print(f"appended {sum(r.get('status') == 'ok' for r in rows)} rows of {src}")
+        return [], []
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

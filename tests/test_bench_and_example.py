@@ -39,6 +39,14 @@ def test_benchmark_smoke_writes_results(tmp_path):
         assert list(next(csv.DictReader(f))) == run.OP_COLUMNS
     for name in ("models.csv", "ops.csv", "summary.md", "throughput.png", "layers.png"):
         assert (out / name).stat().st_size > 0, name
+    # a run's folder (as fetched from a GPU machine) appends to another results folder
+    other = tmp_path / "other"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--append-from", str(out),
+                        "--results", str(other)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(other / "models.csv") as f:
+        again = list(csv.DictReader(f))
+    assert list(again[0]) == run.MODEL_COLUMNS and len(again) == len(rows)
 
 
 def test_benchmark_correctness_guard_rejects_a_wrong_implementation():
