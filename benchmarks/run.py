@@ -320,6 +320,42 @@ def bench_ops(args, device, env, rows, progress):
                         progress.update(1)
             for t in (x, w):
                 t.requires_grad_(False)
+            if L.residual:
+                _bench_add_relu(args, device, env, rows, progress, L, batch, dtype, dname, backends, peak_tf, peak_gb)
+
+
+def _bench_add_relu(args, device, env, rows, progress, L, batch, dtype, dname, backends, peak_tf, peak_gb):
+    """add_relu against torch.relu(a + b) on a block output's shape (3 passes vs 5)."""
+    from resnet_fused.functional import add_relu
+
+    shape = (batch, L.K, L.P, L.P)
+    a = torch.randn(shape, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    b = torch.randn_like(a)
+    nbytes = 3 * a.numel() * a.element_size()
+    for mode in ("fwd", "fwd-bwd"):
+        for impl in ["eager"] + [f"fused-{k}" for k in backends]:
+            progress.set_description(f"op add_relu {L.name} {mode} {impl}")
+            fn = (lambda p, q: torch.relu(p + q)) if impl == "eager" else add_relu
+            ctx = resnet_fused.use_backend(impl.split("-")[1]) if impl != "eager" else _null()
+            with ctx:
+                if mode == "fwd-bwd":
+                    pa, pb = a.detach().requires_grad_(), b.detach().requires_grad_()
+                    g = torch.randn_like(a)
+                    step = lambda fn=fn, pa=pa, pb=pb, g=g: torch.autograd.grad(fn(pa, pb), (pa, pb), g)  # noqa: E731
+                else:
+                    step = lambda fn=fn: fn(a, b)  # noqa: E731
+                status = "ok"
+                if impl != "eager" and not torch.equal(fn(a, b), torch.relu(a + b)):
+                    status = "failed: differs from torch.relu(a + b)"
+                row = dict(env, layer=f"{L.name} output", op="add_relu", mode=mode, dtype=dname, batch=batch,
+                           impl=impl, status=status, peak_tflops=round(peak_tf, 1), peak_gbps=round(peak_gb, 1))
+                if status == "ok":
+                    med, p20, p80 = quantiles(time_fn(step, device, args.warmup, args.op_iters))
+                    moved = nbytes * (2 if mode == "fwd-bwd" else 1)  # backward: read grad and out, write grad
+                    row.update(ms_median=round(med, 4), ms_p20=round(p20, 4), ms_p80=round(p80, 4), tflops=0.0,
+                               gbps=round(moved / (med / 1e3) / 1e9, 1))
+                rows.append(row)
+                progress.update(1)
 
 
 class _null:
@@ -371,16 +407,17 @@ def model_table(rows, baseline):
 
 
 def op_table(rows):
-    lines = ["| layer | mode | dtype | impl | ms median | TFLOP/s | GB/s | vs eager |", "|---|---|---|---|---|---|---|---|"]
-    base = {(r["layer"], r["mode"], r["dtype"]): r for r in rows if r["impl"] == "eager" and r["status"] == "ok"}
+    lines = ["| op | layer | mode | dtype | impl | ms median | TFLOP/s | GB/s | vs eager |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["op"], r["layer"], r["mode"], r["dtype"]): r for r in rows if r["impl"] == "eager" and r["status"] == "ok"}
     for r in rows:
+        head = f"| {r['op']} | {r['layer']} | {r['mode']} | {r['dtype']} | {r['impl']} |"
         if r["status"] != "ok":
-            lines.append(f"| {r['layer']} | {r['mode']} | {r['dtype']} | {r['impl']} | {r['status']} | | | |")
+            lines.append(f"{head} {r['status']} | | | |")
             continue
-        b = base.get((r["layer"], r["mode"], r["dtype"]))
+        b = base.get((r["op"], r["layer"], r["mode"], r["dtype"]))
         sp = f"{b['ms_median'] / r['ms_median']:.2f}x" if b else "-"
-        lines.append(f"| {r['layer']} | {r['mode']} | {r['dtype']} | {r['impl']} | {r['ms_median']:.3f} | "
-                     f"{r['tflops']} | {r['gbps']} | {sp} |")
+        lines.append(f"{head} {r['ms_median']:.3f} | {r['tflops']} | {r['gbps']} | {sp} |")
     return "\n".join(lines)
 
 
@@ -411,7 +448,7 @@ def plots(out, model_rows, op_rows):
         p = os.path.join(out, "throughput.png")
         fig.savefig(p, dpi=90)
         written.append(p)
-    ok = [r for r in op_rows if r["status"] == "ok"]
+    ok = [r for r in op_rows if r["status"] == "ok" and r["op"] == "conv_bn_relu"]
     if ok:
         modes = sorted({r["mode"] for r in ok})
         layers = list(dict.fromkeys(r["layer"] for r in ok))
@@ -500,8 +537,9 @@ def main(argv=None):
     except ImportError:
         tqdm = None
     n_models = 0 if args.no_models else len(args.models) * len(args.modes) * len(args.dtypes) * len(args.batches) * len(args.impls)
-    n_ops = 0 if args.no_ops else (len(SMOKE if args.smoke else RESNET50) * 3 * len(args.dtypes)
-                                   * (1 + (1 if cpu else len([b for b in ("triton", "cuda") if b in resnet_fused.available_backends()]))))
+    layers = SMOKE if args.smoke else RESNET50
+    n_impl = 1 + (1 if cpu else len([b for b in ("triton", "cuda") if b in resnet_fused.available_backends()]))
+    n_ops = 0 if args.no_ops else (len(layers) * 3 + sum(L.residual for L in layers) * 2) * len(args.dtypes) * n_impl
     progress = tqdm(total=n_models + n_ops, dynamic_ncols=True) if tqdm else _NoBar()
     model_rows, op_rows = [], []
     if not args.no_models:
@@ -515,7 +553,7 @@ def main(argv=None):
     if model_rows:
         text += ["## Models", "", model_table(model_rows, baseline), ""]
     if op_rows:
-        text += ["## Operators (conv_bn_relu per ResNet-50 layer)", "",
+        text += ["## Operators (per ResNet-50 layer: conv_bn_relu; add_relu on the block outputs)", "",
                  f"measured peaks: {op_rows[0]['peak_tflops']} TFLOP/s, {op_rows[0]['peak_gbps']} GB/s", "",
                  op_table(op_rows), ""]
     header = (f"device {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}, "
