@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Compile every Triton kernel of resnet_fused for a GPU target without a GPU: each dtype,
+training and eval epilogues, every tile configuration the autotuner may pick. Catches code
+that runs under the interpreter but does not compile (Triton's type checks, shape rules of
+tl.dot, shared-memory limits). Prints one line per variant and exits non-zero if any fails.
+
+  python scripts/triton_compile_check.py [--arch 90] [--quick]
+
+Must run without TRITON_INTERPRET (interpreted kernels cannot be compiled).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from resnet_fused.ops import add_relu as ar  # noqa: E402
+from resnet_fused.ops.conv_bn_relu import triton_kernels as tk  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--quick", action="store_true", help="one tile config per dtype (CI)")
+    args = ap.parse_args()
+    target = GPUTarget("cuda", args.arch, 32)
+    failures = 0
+
+    def comp(kernel, sig, consts, opts=None, tag=""):
+        nonlocal failures
+        full = {n: ("constexpr" if n in consts else sig[n]) for n in kernel.arg_names}
+        try:
+            k = triton.compile(ASTSource(kernel, full, consts, {}), target=target, options=opts or {})
+            print(f"OK   {tag}: shared memory {k.metadata.shared} B", flush=True)
+        except Exception as e:  # report every failure, then fail
+            failures += 1
+            print(f"FAIL {tag}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+
+    cfgs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_C"], c.num_warps, c.num_stages)
+            for c in tk._conv_configs()]
+    fixed = tk._FIXED
+    cfgs.append((fixed["BLOCK_M"], fixed["BLOCK_N"], fixed["BLOCK_C"], fixed["num_warps"], fixed["num_stages"]))
+    for dt in ["fp32", "fp16", "bf16", "fp64"]:
+        acc = "fp64" if dt == "fp64" else "fp32"
+        variants = [(32, 32, 8, 4, 3)] if dt == "fp64" else (cfgs[:1] + cfgs[-1:] if args.quick else cfgs)
+        for training in (True, False):
+            for bm, bn, bc, w, st in variants:
+                for ieee in ([True, False] if dt == "fp32" else [True]):
+                    sig = dict(x_ptr="*" + dt, w_ptr="*" + dt, out_ptr="*" + dt, z_ptr="*" + dt, scale_ptr="*" + acc,
+                               shift_ptr="*" + acc, res_ptr="*" + dt, pmean_ptr="*" + acc, pm2_ptr="*" + acc)
+                    for n in "C H W K P Q Kg sxn sxc sxh sxw SH SW PH PW DH DW".split():
+                        sig[n] = "i32"
+                    sig["M"] = "i64"
+                    consts = dict(R=3, S=3, Cg=64, TRAINING=training, HAS_RES=not training, RELU=True,
+                                  STORE_Z=True, HAS_SCALE=True, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc)
+                    comp(tk._conv_fwd_kernel, sig, consts, dict(num_warps=w, num_stages=st),
+                         tag=f"conv {dt} {'train' if training else 'eval'} tile={bm}x{bn}x{bc} w{w} s{st} ieee={ieee}")
+        sig = dict(z_ptr="*" + dt, scale_ptr="*" + acc, shift_ptr="*" + acc, res_ptr="*" + dt, out_ptr="*" + dt,
+                   n_elements="i64", K="i32")
+        comp(tk._bn_apply_kernel, sig, dict(HAS_RES=True, RELU=True, BLOCK=1024), tag=f"bn_apply {dt}")
+        sig = dict(grad_ptr="*" + dt, out_ptr="*" + dt, z_ptr="*" + dt, mean_ptr="*" + acc, psum_ptr="*" + acc,
+                   psumz_ptr="*" + acc, M="i64", K="i32")
+        comp(tk._bn_bwd_reduce_kernel, sig, dict(ROWS=256, RELU=True, BLOCK_M=32, BLOCK_K=64), tag=f"bwd_reduce {dt}")
+        sig = dict(grad_ptr="*" + dt, out_ptr="*" + dt, z_ptr="*" + dt, mean_ptr="*" + acc, invstd_ptr="*" + acc,
+                   a_ptr="*" + acc, b_ptr="*" + acc, c_ptr="*" + acc, dz_ptr="*" + dt, gres_ptr="*" + dt,
+                   n_elements="i64", K="i32")
+        comp(tk._bn_bwd_apply_kernel, sig, dict(RELU=True, STORE_GRES=True, USE_Z=True, BLOCK=1024),
+             tag=f"bwd_apply {dt}")
+        comp(ar._add_relu_fwd_kernel, dict(x_ptr="*" + dt, r_ptr="*" + dt, out_ptr="*" + dt, n_elements="i64"),
+             dict(BLOCK=1024), tag=f"add_relu {dt}")
+    for acc in ["fp32", "fp64"]:
+        for rdt in ["fp32", "fp16", "bf16", "fp64"]:
+            sig = dict(pmean_ptr="*" + acc, pm2_ptr="*" + acc, mean_ptr="*" + acc, invstd_ptr="*" + acc,
+                       rmean_ptr="*" + rdt, rvar_ptr="*" + rdt, nrmean_ptr="*" + rdt, nrvar_ptr="*" + rdt, G="i32",
+                       K="i32", M="i64", ROWS="i32", mom_hi="fp32", mom_lo="fp32", eps_hi="fp32", eps_lo="fp32")
+            comp(tk._bn_finalize_kernel, sig, dict(UPDATE=True, BLOCK_G=32, BLOCK_K=32, G_STEPS=8),
+                 tag=f"bn_finalize acc={acc} running={rdt}")
+    print(f"{failures} failure(s), Triton {triton.__version__}, sm_{args.arch}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
