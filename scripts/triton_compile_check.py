@@ -84,6 +84,10 @@ def main():
                        K="i32", M="i64", ROWS="i32", mom_hi="fp32", mom_lo="fp32", eps_hi="fp32", eps_lo="fp32")
             comp(tk._bn_finalize_kernel, sig, dict(UPDATE=True, BLOCK_G=32, BLOCK_K=32, G_STEPS=8),
                  tag=f"bn_finalize acc={acc} running={rdt}")
+    for acc in ["fp32", "fp64"]:
+        sig = dict(pmean_ptr="*" + acc, pm2_ptr="*" + acc, qmean_ptr="*" + acc, qm2_ptr="*" + acc, G="i32", K="i32",
+                   M="i64", ROWS="i32")
+        comp(tk._bn_merge_kernel, sig, dict(GROUP=64, BLOCK_K=32), tag=f"bn_merge acc={acc}")
     print(f"{failures} failure(s), Triton {triton.__version__}, sm_{args.arch}")
     return 1 if failures else 0
 

@@ -477,3 +477,19 @@ def test_autotune_pruning_keeps_fitting_tiles():
     assert stem and all(bc == 16 and bn <= 64 for _, bn, bc in stem)  # 3 channels: no 32/64-wide channel tiles
     assert len(tiles(Cg=512, Kg=512, M=12544)) == len(cfgs)  # a big GEMM keeps every candidate
     assert tiles(Cg=4, Kg=4, M=7) == {(32, 32, 16)}  # nothing fits: the smallest config remains
+
+
+@pytest.mark.parametrize("case", [c for c in BACKEND_DEVICE if c.values[0][0] == "triton"])
+def test_two_level_statistics_merge(case, monkeypatch):
+    # Force the merge level (normally above 256 partials) on a small problem.
+    from resnet_fused.ops.conv_bn_relu import triton_kernels as tk
+
+    backend, device = case
+    monkeypatch.setattr(tk, "_MERGE_ABOVE", 2)
+    monkeypatch.setattr(tk, "_MERGE_GROUP", 2)
+    for dt in (torch.float32, torch.float64):
+        x, w, bn, res, conv = make("3x3-multitile", device, dt, N=3)
+        out, bn_o = run(backend, x, w, bn, res, conv, training=True)
+        exp, bn_e = ref(x, w, bn, res, conv, training=True)
+        assert_close(out, exp, *_tol(dt))
+        assert_close(bn_o["running_var"], bn_e["running_var"], *_tol(dt))

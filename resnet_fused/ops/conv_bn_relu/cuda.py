@@ -22,12 +22,13 @@ def conv_fwd(x, weight, K, P, Q, stride, padding, dilation, groups, **kw):
                               stats=_stats, apply=bn_apply, **kw)
 
 
-ROWS = 256  # rows (output pixels) per statistics partial
-
-
 def _stats(z):
-    pm, pm2 = _C().bn_stats(z, ROWS)
-    return pm, pm2, ROWS
+    # At least 256 rows (output pixels) per statistics partial, and at most 512 partials:
+    # enough blocks to fill the GPU, few enough that the finalize's loop over them is short.
+    M = z.numel() // z.shape[1] if z.shape[1] else 0
+    rows = max(256, -(-M // 512))
+    pm, pm2 = _C().bn_stats(z, rows)
+    return pm, pm2, rows
 
 
 def bn_finalize(pmean, pm2, rows, M, running_mean, running_var, momentum, eps):

@@ -312,8 +312,47 @@ def _split(v: float) -> tuple[float, float]:
     return hi, float(torch.tensor(v - hi, dtype=torch.float32))
 
 
+@triton.jit
+def _bn_merge_kernel(
+    pmean_ptr, pm2_ptr,  # [G, K] partial mean / M2 over ROWS rows each (the last: the rest)
+    qmean_ptr, qm2_ptr,  # [cdiv(G, GROUP), K] merged partials over ROWS * GROUP rows each
+    G, K, M, ROWS,
+    GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Chan's merge of GROUP consecutive partials into one: the first level of a two-level
+    # reduction, so that the finalize loops over G / GROUP partials instead of G (M / BLOCK_M
+    # is thousands at batch 256).
+    q = tl.program_id(0)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    gg = q * GROUP + tl.arange(0, GROUP)
+    msk = (gg < G)[:, None] & k_mask[None, :]
+    idx = gg[:, None].to(tl.int64) * K + offs_k[None, :]
+    pm = tl.load(pmean_ptr + idx, mask=msk, other=0.0)
+    p2 = tl.load(pm2_ptr + idx, mask=msk, other=0.0)
+    cnt = tl.maximum(tl.minimum(M - gg.to(tl.int64) * ROWS, ROWS), 0).to(pm.dtype)[:, None]
+    n = tl.sum(tl.where(msk, cnt, 0.0), axis=0)
+    mean = tl.sum(tl.where(msk, cnt * pm, 0.0), axis=0) / n
+    d = pm - mean[None, :]
+    m2 = tl.sum(tl.where(msk, p2 + cnt * d * d, 0.0), axis=0)
+    out = q.to(tl.int64) * K + offs_k
+    tl.store(qmean_ptr + out, mean, mask=k_mask)
+    tl.store(qm2_ptr + out, m2, mask=k_mask)
+
+
+_MERGE_ABOVE = 256  # partials beyond which a merge level runs first
+_MERGE_GROUP = 64
+
+
 def bn_finalize(pmean, pm2, rows, M, running_mean, running_var, momentum, eps):
     G, K = pmean.shape
+    while G > _MERGE_ABOVE:
+        G2 = triton.cdiv(G, _MERGE_GROUP)
+        qm = torch.empty((G2, K), device=pmean.device, dtype=pmean.dtype)
+        q2 = torch.empty_like(qm)
+        _bn_merge_kernel[(G2, triton.cdiv(K, 32))](pmean, pm2, qm, q2, G, K, M, rows, GROUP=_MERGE_GROUP,
+                                                    BLOCK_K=32)
+        pmean, pm2, rows, G = qm, q2, rows * _MERGE_GROUP, G2
     mean = torch.empty(K, device=pmean.device, dtype=pmean.dtype)
     invstd = torch.empty_like(mean)
     update = running_mean is not None
