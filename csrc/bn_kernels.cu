@@ -13,13 +13,28 @@ namespace {
 constexpr int TX = 32;  // channels per block (consecutive: coalesced row segments)
 constexpr int TY = 8;   // row-threads per block
 
+// Adds a and b over the TY row-threads of each channel column (a block of TX x TY threads);
+// the totals land in the threads with threadIdx.y == 0. Every thread of the block must call it.
+template <typename A>
+__device__ __forceinline__ void sum_over_rows(A& a, A& b) {
+  __shared__ A sh_a[TY][TX], sh_b[TY][TX];
+  sh_a[threadIdx.y][threadIdx.x] = a;
+  sh_b[threadIdx.y][threadIdx.x] = b;
+  __syncthreads();
+  if (threadIdx.y == 0) {
+    for (int i = 1; i < TY; ++i) {
+      a += sh_a[i][threadIdx.x];
+      b += sh_b[i][threadIdx.x];
+    }
+  }
+}
+
 // ---- statistics -------------------------------------------------------------------------
 // Sums of (v - shift) and (v - shift)^2 with shift = the chunk's first value of the
 // channel: exact merging inside the chunk, and no E[z^2] - E[z]^2 cancellation.
 template <typename T, typename A>
 __global__ void bn_stats_kernel(const T* __restrict__ z, A* __restrict__ pmean, A* __restrict__ pm2, int64_t M,
                                 int64_t K, int64_t rows) {
-  __shared__ A sh_s[TY][TX], sh_ss[TY][TX];
   const int64_t g = blockIdx.x;
   const int64_t k = static_cast<int64_t>(blockIdx.y) * TX + threadIdx.x;
   const int64_t r0 = g * rows;
@@ -33,14 +48,8 @@ __global__ void bn_stats_kernel(const T* __restrict__ z, A* __restrict__ pmean, 
       ss += d * d;
     }
   }
-  sh_s[threadIdx.y][threadIdx.x] = s;
-  sh_ss[threadIdx.y][threadIdx.x] = ss;
-  __syncthreads();
+  sum_over_rows(s, ss);
   if (threadIdx.y == 0 && k < K) {
-    for (int i = 1; i < TY; ++i) {
-      s += sh_s[i][threadIdx.x];
-      ss += sh_ss[i][threadIdx.x];
-    }
     const A n = static_cast<A>(r1 - r0);
     const A mean_d = s / n;
     pmean[g * K + k] = shift + mean_d;
@@ -152,7 +161,6 @@ template <typename T, typename A>
 __global__ void bn_bwd_reduce_kernel(const T* __restrict__ grad, const T* __restrict__ out, const T* __restrict__ z,
                                      const A* __restrict__ mean, A* __restrict__ psum, A* __restrict__ psumz,
                                      int64_t M, int64_t K, int64_t rows, bool relu) {
-  __shared__ A sh_s[TY][TX], sh_sz[TY][TX];
   const int64_t g = blockIdx.x;
   const int64_t k = static_cast<int64_t>(blockIdx.y) * TX + threadIdx.x;
   const int64_t r0 = g * rows;
@@ -168,14 +176,8 @@ __global__ void bn_bwd_reduce_kernel(const T* __restrict__ grad, const T* __rest
       sz += gy * (load_as<A>(z + i) - mk);
     }
   }
-  sh_s[threadIdx.y][threadIdx.x] = s;
-  sh_sz[threadIdx.y][threadIdx.x] = sz;
-  __syncthreads();
+  sum_over_rows(s, sz);
   if (threadIdx.y == 0 && k < K) {
-    for (int i = 1; i < TY; ++i) {
-      s += sh_s[i][threadIdx.x];
-      sz += sh_sz[i][threadIdx.x];
-    }
     psum[g * K + k] = s;
     psumz[g * K + k] = sz;
   }
