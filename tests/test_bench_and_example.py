@@ -68,3 +68,13 @@ def test_training_example_smoke(tmp_path):
     assert 0 <= eager_acc <= 1 and 0 <= fused_acc <= 1
     assert (tmp_path / "train_digits_resnet18_cpu.csv").stat().st_size > 0
     assert (tmp_path / "train_digits_resnet18_cpu.png").stat().st_size > 0
+
+
+def test_train_curve_smoke(tmp_path):
+    tc = _load("benchmarks/train_curve.py", "rf_train_curve")
+    noise, dev = tc.main(["--device", "cpu", "--smoke", "--out", str(tmp_path)])
+    assert noise >= 0 and dev >= 0
+    with open(tmp_path / "train_curve_resnet18_fp32_cpu.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["step", "eager", "eager-rerun", "fused-reference"] and len(rows) == 5
+    assert (tmp_path / "train_curve_resnet18_fp32_cpu.png").stat().st_size > 0
