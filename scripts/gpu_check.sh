@@ -5,7 +5,9 @@
 # stays under its 10-minute limit:
 #   STAGE=tests bash scripts/gpu_check.sh   build in place + the whole suite on CUDA, every backend
 #   STAGE=bench bash scripts/gpu_check.sh   build in place (no-op if built) + benchmarks/run.py
-#   bash scripts/gpu_check.sh               both
+#   STAGE=curve bash scripts/gpu_check.sh   build + 100-step bf16 loss curves, eager vs fused (issue 7)
+#   STAGE=build bash scripts/gpu_check.sh   build only (e.g. before scripts/gpu_sanitize.sh)
+#   bash scripts/gpu_check.sh               tests and benchmarks
 # BENCH_ARGS="..." passes flags to benchmarks/run.py; TEST_ARGS="..." replaces the test selection.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,4 +46,10 @@ if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
   echo "bench rc=$? in $(( $(date +%s) - t0 )) s"; tail -60 "$OUT/bench.log"
   # $OUT/bench/{models,ops}.csv hold this run's rows (with a status column): append the ok rows
   # to benchmarks/results/ on the machine that commits.
+fi
+
+if [ "$STAGE" = curve ]; then
+  echo "== 100-step training curves"
+  timeout ${CURVE_TIMEOUT:-540} python3 benchmarks/train_curve.py --out "$OUT/curve" ${CURVE_ARGS:-} > "$OUT/curve.log" 2>&1
+  echo "curve rc=$?"; tail -5 "$OUT/curve.log"
 fi
