@@ -32,8 +32,12 @@ python3 -c "import resnet_fused, json; print(json.dumps(resnet_fused.build_info(
 if [ "$STAGE" = all ] || [ "$STAGE" = tests ]; then
   echo "== tests on CUDA, every backend (fixed Triton tile config: no tuning time)"
   t0=$(date +%s)
+  # Triton compiles on the CPU, one kernel specialization at a time per process: pytest-xdist
+  # (in the GPU image) spreads that over the 16 cores; the tests share the one GPU.
+  par=""
+  python3 -c "import xdist" 2>/dev/null && par="-n ${TEST_WORKERS:-8}"
   RESNET_FUSED_AUTOTUNE=0 RESNET_FUSED_REQUIRE_CUDA_EXT=1 RESNET_FUSED_REQUIRE_TRITON=1 HYPOTHESIS_PROFILE=gpu \
-    timeout ${TEST_TIMEOUT:-480} python3 -m pytest -q -rs -p no:cacheprovider --durations=15 \
+    timeout ${TEST_TIMEOUT:-500} python3 -m pytest -q -rs -p no:cacheprovider --durations=15 $par \
     ${TEST_ARGS:-tests} > "$OUT/tests.log" 2>&1
   echo "tests rc=$? in $(( $(date +%s) - t0 )) s"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30
