@@ -7,12 +7,17 @@
 #   STAGE=bench bash scripts/gpu_check.sh   build in place (no-op if built) + benchmarks/run.py
 #   STAGE=curve bash scripts/gpu_check.sh   build + 100-step bf16 loss curves, eager vs fused (issue 7)
 #   STAGE=build bash scripts/gpu_check.sh   build only (e.g. before scripts/gpu_sanitize.sh)
-#   bash scripts/gpu_check.sh               tests and benchmarks
+#   bash scripts/gpu_check.sh               all in one call under 10 minutes: build, tests (6 min at
+#                                           most), a quick benchmark (batch 256, no torch.compile, no ops)
 # BENCH_ARGS="..." passes flags to benchmarks/run.py; TEST_ARGS="..." replaces the test selection.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 STAGE=${STAGE:-all}
+if [ "$STAGE" = all ]; then
+  : "${TEST_TIMEOUT:=360}" "${BENCH_TIMEOUT:=170}"
+  : "${BENCH_ARGS:=--batches 256 --impls eager,eager-cl,fused-triton,fused-cuda --no-ops}"
+fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 {

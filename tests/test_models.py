@@ -470,3 +470,37 @@ def test_gpu_no_host_sync_cuda_graph_and_autocast(backend):
             got2 = run(x2).clone()
             rel_close(got, theirs(x), 1e-2)
             rel_close(got2, theirs(x2), 1e-2)
+
+
+@pytest.mark.parametrize("case", BACKEND_DEVICE)
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_low_precision_models(case, mode):
+    # model.half() / model.bfloat16(): judged against torchvision in fp32, relative to
+    # torchvision's own error in the same low precision (twice it, plus a small floor).
+    from resnet_fused import _triton
+
+    backend, device = case
+    dtypes = [torch.float16] if (device == "cpu" and _triton.interpreting() and backend == "triton") else [
+        torch.float16, torch.bfloat16]
+    for dt in dtypes:
+        ours, theirs = tiny_pair()
+        for m in theirs.modules():  # non-trivial statistics, so that folding matters
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.data.uniform_(0.5, 1.5)
+        ours.load_state_dict(theirs.state_dict())
+        ref32 = copy.deepcopy(theirs).to(device)
+        ours.to(device, dt)
+        theirs.to(device, dt)
+        for m in (ours, theirs, ref32):
+            getattr(m, mode)()
+        x = torch.randn(4, 3, 12, 12, device=device)
+        with torch.no_grad(), resnet_fused.use_backend(backend):
+            out = ours(x.to(dt))
+        assert out.dtype == dt
+        with torch.no_grad():
+            lp = theirs(x.to(dt)).float()
+            exp = ref32(x)
+        ours_err, torch_err = (out.float() - exp).abs().max().item(), (lp - exp).abs().max().item()
+        assert ours_err <= 2 * torch_err + 1e-2 * exp.abs().max().item(), f"{dt} {mode}: {ours_err} vs {torch_err}"
