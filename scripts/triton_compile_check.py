@@ -60,10 +60,14 @@ def main():
                     for n in "C H W K P Q Kg sxn sxc sxh sxw SH SW PH PW DH DW".split():
                         sig[n] = "i32"
                     sig["M"] = "i64"
-                    consts = dict(R=3, S=3, Cg=64, TRAINING=training, HAS_RES=not training, RELU=True,
+                    consts = dict(R=3, S=3, Cg=64, PACKED=False, TRAINING=training, HAS_RES=not training, RELU=True,
                                   STORE_Z=True, HAS_SCALE=True, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc)
                     comp(tk._conv_fwd_kernel, sig, consts, dict(num_warps=w, num_stages=st),
                          tag=f"conv {dt} {'train' if training else 'eval'} tile={bm}x{bn}x{bc} w{w} s{st} ieee={ieee}")
+                    if (bm, bn, bc, w, st) == variants[0]:  # the packed reduction (stem: 7x7, 3 channels)
+                        consts.update(R=7, S=7, Cg=3, PACKED=True)
+                        comp(tk._conv_fwd_kernel, sig, consts, dict(num_warps=w, num_stages=st),
+                             tag=f"conv-packed {dt} {'train' if training else 'eval'} tile={bm}x{bn}x{bc} ieee={ieee}")
         sig = dict(z_ptr="*" + dt, scale_ptr="*" + acc, shift_ptr="*" + acc, res_ptr="*" + dt, out_ptr="*" + dt,
                    n_elements="i64", K="i32")
         comp(tk._bn_apply_kernel, sig, dict(HAS_RES=True, RELU=True, BLOCK=1024), tag=f"bn_apply {dt}")

@@ -31,6 +31,11 @@ GEOMETRIES = {
     "3x3g8s2": (32, 32, 6, 6, 3, 2, 1, 1, 8),
     # several tiles in every GEMM dimension (M, K and the C loop) at the interpreter's tile sizes
     "3x3-multitile": (40, 48, 6, 6, 3, 1, 1, 1, 1),
+    # >= 16 channels per group: the per-(r, s) reduction (fewer take the packed (r, s, c) one)
+    "1x1s2-wide": (32, 16, 6, 7, 1, 2, 0, 1, 1),
+    "3x3s2-wide": (24, 16, 7, 6, 3, 2, 1, 1, 1),
+    "7x7s2-wide": (16, 16, 9, 9, 7, 2, 3, 1, 1),
+    "3x3g2d2-wide": (32, 32, 6, 6, 3, 1, 2, 2, 2),
 }
 
 
@@ -475,6 +480,8 @@ def test_autotune_pruning_keeps_fitting_tiles():
                          for c in tk._prune_configs(cfgs, a)}
     stem = tiles(Cg=3, Kg=64, M=802816)
     assert stem and all(bc == 16 and bn <= 64 for _, bn, bc in stem)  # 3 channels: no 32/64-wide channel tiles
+    packed = tiles(Cg=3, Kg=64, M=802816, R=7, S=7, PACKED=True)  # 147-long flattened reduction
+    assert {bc for _, _, bc in packed} == {16, 32}
     assert len(tiles(Cg=512, Kg=512, M=12544)) == len(cfgs)  # a big GEMM keeps every candidate
     assert tiles(Cg=4, Kg=4, M=7) == {(32, 32, 16)}  # nothing fits: the smallest config remains
 
