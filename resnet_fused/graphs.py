@@ -19,7 +19,9 @@ def capture(model: torch.nn.Module, example: torch.Tensor, *, warmup: int = 3) -
     """
     if example.device.type != "cuda":
         raise ValueError(f"capture: CUDA graphs need a CUDA input, got {example.device}")
-    static_in = example.clone()
+    # A normal (not inference-mode) tensor, so that run() may refill it outside inference_mode.
+    with torch.inference_mode(False):
+        static_in = example.clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
