@@ -504,3 +504,8 @@ def test_low_precision_models(case, mode):
             exp = ref32(x)
         ours_err, torch_err = (out.float() - exp).abs().max().item(), (lp - exp).abs().max().item()
         assert ours_err <= 2 * torch_err + 1e-2 * exp.abs().max().item(), f"{dt} {mode}: {ours_err} vs {torch_err}"
+
+
+def test_capture_needs_a_cuda_input():
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA input"):
+        resnet_fused.capture(nn.Identity(), torch.randn(1, 3, 8, 8))
