@@ -263,9 +263,9 @@ def test_folded_weights_cached_and_refreshed():
     with torch.no_grad(), resnet_fused.use_backend("reference"):
         ours(x)
         conv = ours[3].conv1
-        first = conv.__dict__["_rf_fold"]
+        first = rfm.resnet._FOLD_CACHE[conv]
         ours(x)
-        assert conv.__dict__["_rf_fold"] is first  # cache hit: nothing recomputed
+        assert rfm.resnet._FOLD_CACHE[conv] is first  # cache hit: nothing recomputed
         # In-place changes (an optimizer step, load_state_dict) bump version counters.
         for m in list(theirs.modules()):
             if isinstance(m, nn.BatchNorm2d):
@@ -273,7 +273,7 @@ def test_folded_weights_cached_and_refreshed():
                 m.weight.add_(0.1)
         ours.load_state_dict(theirs.state_dict())
         out = ours(x)
-        assert conv.__dict__["_rf_fold"] is not first
+        assert rfm.resnet._FOLD_CACHE[conv] is not first
         rel_close(out, theirs(x))
         ours.double()
         theirs.double()
@@ -509,3 +509,129 @@ def test_low_precision_models(case, mode):
 def test_capture_needs_a_cuda_input():
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA input"):
         resnet_fused.capture(nn.Identity(), torch.randn(1, 3, 8, 8))
+
+
+
+# --- edge cases found in review ---------------------------------------------------------------
+def _eval_pair(name="resnet18", **kw):
+    ours, theirs = pair(name, num_classes=5, **kw)
+    for m in theirs.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+    ours.load_state_dict(theirs.state_dict())
+    return ours.eval(), theirs.eval()
+
+
+def test_data_writes_need_clear_fold_cache():
+    ours, theirs = _eval_pair()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), resnet_fused.use_backend("reference"):
+        ours(x)
+        for m in (ours, theirs):  # writes through .data bypass the version counters
+            m.conv1.weight.data.mul_(-1)
+            m.bn1.running_mean.data.add_(3)
+        resnet_fused.clear_fold_cache(ours)
+        rel_close(ours(x), theirs(x))
+
+
+def test_inference_mode_parameters():
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode(), resnet_fused.use_backend("reference"):
+        ours, theirs = _eval_pair()
+        ours, theirs = copy.deepcopy(ours).to(torch.float64), copy.deepcopy(theirs).to(torch.float64)
+        rel_close(ours(x.double()), theirs(x.double()))  # parameters created in inference mode
+
+
+def test_gradient_reaches_a_trainable_downsample_in_eval():
+    ours, theirs = _eval_pair()
+    for m in (ours, theirs):
+        for n, p in m.named_parameters():
+            p.requires_grad_(n.startswith("layer2.0.downsample"))
+    x = torch.randn(2, 3, 32, 32)
+    with resnet_fused.use_backend("reference"):
+        ours(x).sum().backward()
+    theirs(x).sum().backward()
+    for p, q in zip(ours.layer2[0].downsample.parameters(), theirs.layer2[0].downsample.parameters()):
+        assert_close(p.grad, q.grad, 1e-4, 1e-3)
+
+
+def test_hooks_and_pruning_run_torchvisions_forward():
+    import torch.nn.utils.prune as prune
+
+    ours, theirs = pair("resnet18", num_classes=5)
+    ours.double()
+    theirs.double()
+    calls = []
+    ours.layer1[0].bn1.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    for m in (ours, theirs):
+        prune.l1_unstructured(m.layer2[0].conv1, "weight", amount=0.3)
+    data = _double(_data(2, 8, 64, 5))
+    with resnet_fused.use_backend("reference"):
+        lo = _train(ours, data)
+    lt = _train(theirs, data)
+    assert len(calls) == 2  # the hooked BatchNorm ran, once per step
+    assert_close(lo, lt, 1e-9, 1e-9)
+
+
+def test_autocast_leaves_float64_alone():
+    ours, theirs = _eval_pair()
+    ours.double()
+    theirs.double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), resnet_fused.use_backend("reference"):
+        out, ref = ours(x), theirs(x)
+    assert out.dtype == ref.dtype == torch.float64
+    rel_close(out, ref)
+
+
+def test_standalone_sync_batchnorm_under_autocast_keeps_the_input_dtype():
+    bn = nn.BatchNorm2d(4)
+    sbn = resnet_fused.convert_sync_batchnorm(copy.deepcopy(bn))
+    x = torch.randn(2, 4, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16), resnet_fused.use_backend("reference"):
+        out, ref = sbn(x), bn(x)
+    assert out.dtype == ref.dtype
+    assert_close(out.float(), ref.float(), 1e-5, 1e-5)
+
+
+def test_meta_device():
+    ours, _ = pair("resnet18", num_classes=5)
+    ours = ours.to("meta").eval()
+    with torch.no_grad(), resnet_fused.use_backend("reference"):
+        assert ours(torch.randn(2, 3, 32, 32, device="meta")).shape == (2, 5)
+
+
+def test_eval_dtype_mismatch_raises_like_torchvision():
+    ours, theirs = _eval_pair()
+    ours.half()
+    theirs.half()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad(), resnet_fused.use_backend("reference"):
+        _same_exception(lambda: ours(x), lambda: theirs(x))
+
+
+def test_fold_cache_is_not_saved_with_the_model(tmp_path):
+    import io
+
+    ours, _ = _eval_pair()
+    buf0 = io.BytesIO()
+    torch.save(ours, buf0)
+    with torch.no_grad(), resnet_fused.use_backend("reference"):
+        ours(torch.randn(1, 3, 32, 32))
+    buf1 = io.BytesIO()
+    torch.save(ours, buf1)
+    assert len(buf1.getvalue()) < 1.01 * len(buf0.getvalue())
+
+
+def test_block_keeps_an_nchw_input_nchw():
+    ours, theirs = tiny_pair()
+    block_o, block_t = ours[4], theirs[4]
+    x = torch.randn(2, 8, 12, 12)
+    with resnet_fused.use_backend("reference"):
+        out = block_o(x)
+    assert out.is_contiguous()
+    assert out.view(2, -1).shape == block_t(x).view(2, -1).shape
+    xc = x.to(memory_format=torch.channels_last)
+    with resnet_fused.use_backend("reference"):
+        assert block_o(xc).is_contiguous(memory_format=torch.channels_last)

@@ -18,6 +18,7 @@ are not plain bias-free zero-padded convs, runs torchvision's own forward instea
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -27,10 +28,12 @@ from torchvision import models as tvm
 from torchvision.models import resnet as tvr
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from ..ops._common import autocast_dtype
 from ..ops.conv_bn_relu import conv_bn_relu
 from ..ops.conv_bn_relu.inference import conv_affine_act, fold_bn
 
-__all__ = ["ResNet", "BasicBlock", "Bottleneck", "SyncBatchNorm2d", "fuse", "convert_sync_batchnorm"]
+__all__ = ["ResNet", "BasicBlock", "Bottleneck", "SyncBatchNorm2d", "fuse", "convert_sync_batchnorm",
+           "clear_fold_cache"]
 
 
 # --- one conv + norm pair ---------------------------------------------------------------------
@@ -58,8 +61,9 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         use_batch, momentum, rm, rv = _bn_state(self)
         C = x.shape[1]
         eye = torch.ones(C, 1, 1, 1, dtype=x.dtype, device=x.device)
-        return conv_bn_relu(x, eye, self.weight, self.bias, rm, rv, groups=C, training=use_batch, momentum=momentum,
-                            eps=self.eps, relu=False, process_group=_group_of(self))
+        with _no_autocast(x):  # a BatchNorm: it runs in the input's dtype, not the autocast dtype
+            return conv_bn_relu(x, eye, self.weight, self.bias, rm, rv, groups=C, training=use_batch,
+                                momentum=momentum, eps=self.eps, relu=False, process_group=_group_of(self))
 
 
 def _group_of(bn):
@@ -69,8 +73,21 @@ def _group_of(bn):
 _NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm2d, FrozenBatchNorm2d)
 
 
+def _hooked(m) -> bool:
+    # Hooks (forward, pre-forward, pruning's reparametrisation) must see the module run: such
+    # a pair runs torchvision's own forward.
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as _m
+
+    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
+                or getattr(_m, "_global_backward_pre_hooks", None))
+
+
 def _fusable(conv, bn) -> bool:
-    return _fusable_conv(conv) and type(bn) in _NORMS
+    return _fusable_conv(conv) and type(bn) in _NORMS and not (_hooked(conv) or _hooked(bn))
 
 
 def _bn_state(bn):
@@ -91,40 +108,77 @@ def _bn_weight(bn):
     return getattr(bn, "weight", None), getattr(bn, "bias", None)
 
 
-def _grad_needed(x, conv, bn) -> bool:
+def _grad_needed(x, conv, bn, residual=None) -> bool:
     if not torch.is_grad_enabled():
         return False
     g, b = _bn_weight(bn)
-    return x.requires_grad or conv.weight.requires_grad or any(t is not None and t.requires_grad for t in (g, b))
+    return any(t is not None and t.requires_grad for t in (x, conv.weight, g, b, residual))
+
+
+# Folded weights per conv module, outside the module so that they are neither pickled nor
+# saved with it, and dropped with it.
+_FOLD_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def clear_fold_cache(model: Optional[nn.Module] = None) -> None:
+    """Forget the cached folded weights (of ``model``'s convs, or of every model).
+
+    The cache is refreshed automatically when a parameter or buffer changes through PyTorch
+    (optimizer steps, ``load_state_dict``, in-place ops under ``no_grad``: version counters),
+    is moved or is replaced. Writes through ``.data`` (and ``vector_to_parameters``) bypass
+    the version counters: call this after them."""
+    if model is None:
+        _FOLD_CACHE.clear()
+        return
+    for m in model.modules():
+        _FOLD_CACHE.pop(m, None)
 
 
 def _folded(conv, bn, dtype):
     """The cached (weight', bias) for this conv + BatchNorm in ``dtype``."""
     g, b = _bn_weight(bn)
     srcs = [conv.weight, g, b, bn.running_mean, bn.running_var]
-    if torch.compiler.is_compiling():  # let the compiler fold (and fuse) it in the graph
+    if torch.compiler.is_compiling() or any(t is not None and t.is_inference() for t in srcs):
+        # compiled: let the compiler fold (and fuse) it in the graph; inference tensors carry
+        # no version counter, so nothing could tell when a cache went stale
         return fold_bn(conv.weight, g, b, bn.running_mean, bn.running_var, bn.eps, dtype)
-    key = (dtype, bn.eps) + tuple((t._version, t.data_ptr(), t.dtype) if t is not None else None for t in srcs)
-    cache = conv.__dict__.get("_rf_fold")
-    if cache is None or cache[0] != key:
-        cache = (key, *fold_bn(conv.weight, g, b, bn.running_mean, bn.running_var, bn.eps, dtype))
-        conv.__dict__["_rf_fold"] = cache
-    return cache[1], cache[2]
+    key = (dtype, bn.eps) + tuple((t._version, t.data_ptr(), t.dtype, t.device) if t is not None else None
+                                  for t in srcs)
+    cache = _FOLD_CACHE.get(conv)
+    # the same tensor objects too (a new tensor could reuse a freed address with version 0)
+    if cache is None or cache[0] != key or any(r() is not t for r, t in zip(cache[1], srcs) if t is not None):
+        refs = [weakref.ref(t) if t is not None else None for t in srcs]
+        cache = (key, refs, *fold_bn(conv.weight, g, b, bn.running_mean, bn.running_var, bn.eps, dtype))
+        _FOLD_CACHE[conv] = cache
+    return cache[2], cache[3]
 
 
 def _autocast_dtype(x):
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev) and x.is_floating_point():
-        return torch.get_autocast_dtype(dev)
+    """The dtype a conv would run in: autocast casts float32/16/bf16 (never float64)."""
+    if x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        dt = autocast_dtype(x.device.type)
+        if dt is not None:
+            return dt
     return x.dtype
+
+
+def _no_autocast(x):
+    import contextlib
+
+    if autocast_dtype(x.device.type) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def conv_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor, residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
     """``relu?(bn(conv(x)) + residual?)`` through the fused operators (the pair must be fusable)."""
     use_batch, momentum, rm, rv = _bn_state(bn)
     g, b = _bn_weight(bn)
-    if not use_batch and not _grad_needed(x, conv, bn) and x.dim() == 4 and x.shape[1] == conv.in_channels:
+    if (not use_batch and not _grad_needed(x, conv, bn, residual) and x.dim() == 4
+            and x.shape[1] == conv.in_channels):
         dt = _autocast_dtype(x)
+        if dt == x.dtype and x.dtype != conv.weight.dtype and x.is_floating_point():
+            raise RuntimeError(f"Input type ({x.dtype}) and weight type ({conv.weight.dtype}) should be the same")
         if dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             w, bias = _folded(conv, bn, dt)
             if x.dtype != dt:
@@ -148,16 +202,25 @@ def _downsample(ds: Optional[nn.Module], x: Tensor) -> Tensor:
     return ds(x)
 
 
+def _like_input(out: Tensor, x: Tensor) -> Tensor:
+    """The fused ops write channels_last; a block fed a contiguous (NCHW) tensor returns one,
+    as torchvision's would (``.view`` on it works). Inside a fused ResNet every block input
+    is already channels_last (the stem writes it), so this costs nothing there."""
+    if x.dim() == 4 and x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
+        return out.contiguous()
+    return out
+
+
 # --- blocks -------------------------------------------------------------------------------------
 class BasicBlock(tvr.BasicBlock):
     """torchvision's BasicBlock: conv-bn-relu, conv-bn (+identity) -relu, as two fused ops."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (_fusable(self.conv1, self.bn1) and _fusable(self.conv2, self.bn2)):
+        if not (_fusable(self.conv1, self.bn1) and _fusable(self.conv2, self.bn2)) or _global_hooks():
             return super().forward(x)
         out = conv_bn(self.conv1, self.bn1, x, relu=True)
         identity = _downsample(self.downsample, x)
-        return conv_bn(self.conv2, self.bn2, out, residual=identity, relu=True)
+        return _like_input(conv_bn(self.conv2, self.bn2, out, residual=identity, relu=True), x)
 
 
 class Bottleneck(tvr.Bottleneck):
@@ -165,12 +228,12 @@ class Bottleneck(tvr.Bottleneck):
 
     def forward(self, x: Tensor) -> Tensor:
         if not (_fusable(self.conv1, self.bn1) and _fusable(self.conv2, self.bn2)
-                and _fusable(self.conv3, self.bn3)):
+                and _fusable(self.conv3, self.bn3)) or _global_hooks():
             return super().forward(x)
         out = conv_bn(self.conv1, self.bn1, x, relu=True)
         out = conv_bn(self.conv2, self.bn2, out, relu=True)
         identity = _downsample(self.downsample, x)
-        return conv_bn(self.conv3, self.bn3, out, residual=identity, relu=True)
+        return _like_input(conv_bn(self.conv3, self.bn3, out, residual=identity, relu=True), x)
 
 
 _BLOCKS = {tvr.BasicBlock: BasicBlock, tvr.Bottleneck: Bottleneck}
@@ -184,7 +247,7 @@ class ResNet(tvr.ResNet):
         super().__init__(_BLOCKS.get(block, block), layers, *args, **kwargs)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
-        if _fusable(self.conv1, self.bn1) and isinstance(self.relu, nn.ReLU):
+        if _fusable(self.conv1, self.bn1) and isinstance(self.relu, nn.ReLU) and not _hooked(self.relu):
             x = conv_bn(self.conv1, self.bn1, x, relu=True)
         else:
             x = self.relu(self.bn1(self.conv1(x)))

@@ -51,3 +51,14 @@ def device_guard(t: torch.Tensor):
     import contextlib
 
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def autocast_dtype(device_type: str):
+    """The autocast dtype in force for ``device_type``, or None (off, or a device type that
+    has no autocast, such as meta)."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except RuntimeError:
+        pass
+    return None

@@ -31,7 +31,7 @@ from ..._triton import HAS_TRITON
 from . import cuda as _cuda_impl
 from . import reference as _ref_impl
 from . import sync as _sync
-from .._common import conv_allows_tf32, device_guard
+from .._common import autocast_dtype, conv_allows_tf32, device_guard
 from .reference import CL, acc_dtype, conv_bn_relu_reference
 
 if HAS_TRITON:
@@ -285,10 +285,11 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias
         raise ValueError(f"{OP}: stride and dilation must be >= 1 and padding >= 0, got stride={stride}, "
                          f"padding={padding}, dilation={dilation}")
     dev_type = x.device.type
-    if torch.is_autocast_enabled(dev_type) and x.is_floating_point():
-        dt = torch.get_autocast_dtype(dev_type)
+    dt = autocast_dtype(dev_type)
+    if dt is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        # as conv2d under autocast: float32/16/bf16 inputs run in the autocast dtype, float64 as is
         x, weight = x.to(dt), weight.to(dt)
-        if residual is not None:
+        if residual is not None and residual.dtype in (torch.float32, torch.float16, torch.bfloat16):
             residual = residual.to(dt)
     if not x.is_floating_point() or x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         raise RuntimeError(f"{OP}: input must be float32, float64, float16 or bfloat16, got {x.dtype}")
