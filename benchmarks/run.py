@@ -47,15 +47,18 @@ CPU_IMPLS = ["eager", "eager-cl", "fused-reference"]
 
 # --- environment ------------------------------------------------------------------------------
 def environment(device):
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        if dirty:
-            commit += "-dirty"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+    # RESNET_FUSED_COMMIT: for a copy of the tree without .git (the GPU machine gets one)
+    commit = os.environ.get("RESNET_FUSED_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                                    text=True, timeout=10).stdout.strip() or "unknown"
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            if dirty:
+                commit += "-dirty"
+        except (OSError, subprocess.SubprocessError):
+            commit = "unknown"
     try:
         import triton
 

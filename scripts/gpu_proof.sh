@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The GPU-proof run (issue 13) in device calls of at most 10 minutes, on a machine with
+# torch 2.11 / triton 3.6 and no network. Every stage builds first unless the extension is
+# already importable (a warm machine keeps the in-place build and Triton's cache), and stays
+# inside a deadline of $BUDGET seconds (default 570). Everything is written under $OUT/proof
+# and packed into $OUT/proof.tgz (the device tool brings back at most 8 files).
+#   STAGE=numbers  build, warm Triton's and inductor's caches in parallel, ResNet-50 bf16
+#                  channels_last model benchmarks (eager, eager-cl, compile, fused-triton,
+#                  fused-cuda at batches 1 and 256, infer and train; CUDA-graph variants at b1)
+#   STAGE=suite    the per-layer op benchmark (batch 256 bf16), then the CUDA test suite
+#   STAGE=extra    compute-sanitizer (memcheck, racecheck) and the 100-step bf16 curves
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out}
+STAGE=${STAGE:-numbers}
+BUDGET=${BUDGET:-570}
+P="$OUT/proof"
+mkdir -p "$P"
+export PYTHONUNBUFFERED=1 MAX_JOBS=16
+START=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+# run NAME SECONDS CMD...: at most SECONDS, never past the deadline (minus a margin to pack up)
+run() {
+  local name=$1 want=$2; shift 2
+  local t=$(( $(left) - 25 )); [ "$t" -gt "$want" ] && t=$want
+  if [ "$t" -lt 15 ]; then echo "== $name: skipped (deadline)"; return 0; fi
+  echo "== $name (limit ${t}s)"
+  local t0=$(date +%s)
+  timeout "$t" "$@" > "$P/$name.log" 2>&1
+  local rc=$?
+  echo "   $name rc=$rc in $(( $(date +%s) - t0 ))s"
+  return $rc
+}
+pack() { tar -czf "$OUT/proof.tgz" -C "$OUT" proof; echo "packed: $(du -h "$OUT/proof.tgz" | cut -f1)"; }
+trap pack EXIT
+
+{
+  date -u; echo "commit $(git rev-parse HEAD 2>/dev/null) $(git status --porcelain | head -5 | tr '\n' ' ')"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
+  python3 -c "import torch, triton, torchvision; print('torch', torch.__version__, 'triton', triton.__version__, 'torchvision', torchvision.__version__, 'cudnn', torch.backends.cudnn.version())"
+  nproc
+} > "$P/env.log" 2>&1
+cat "$P/env.log"
+
+if python3 -c "import resnet_fused, sys; sys.exit('cuda' not in resnet_fused.available_backends())" 2>/dev/null; then
+  echo "== build: already built"
+else
+  TORCH_CUDA_ARCH_LIST=9.0 RESNET_FUSED_BUILD_CUDA=1 run build 240 \
+    python3 -m pip install --no-build-isolation --no-deps -e . || { tail -30 "$P/build.log"; exit 1; }
+fi
+python3 -c "import resnet_fused, json; print(json.dumps(resnet_fused.build_info()))" | tee "$P/build_info.json"
+
+bench() {  # bench NAME SECONDS run.py-args...
+  local name=$1 t=$2; shift 2
+  run "$name" "$t" python3 benchmarks/run.py --no-append --out "$P/$name" "$@"
+  grep -E "^\| resnet50|^\| (conv_bn_relu|add_relu)|failed" "$P/$name.log" | head -80
+}
+
+if [ "$STAGE" = numbers ]; then
+  run warm 200 python3 scripts/warm_caches.py --compile --batches 1,256 --workers 13
+  pkill -f warm_caches.py 2>/dev/null; pkill -f multiprocessing.spawn 2>/dev/null; tail -3 "$P/warm.log"; grep -A8 FAIL "$P/warm.log" | head -40
+  bench m_triton 110 --no-ops --impls fused-triton
+  bench m_cuda 60 --no-ops --impls fused-cuda
+  bench m_graph 80 --no-ops --modes infer --batches 1 --impls eager-cl-graph,fused-triton-graph,fused-cuda-graph
+  bench m_eager 200 --no-ops --impls eager,eager-cl,compile
+fi
+
+if [ "$STAGE" = suite ]; then
+  bench ops 200 --no-models
+  par=""; python3 -c "import xdist" 2>/dev/null && par="-n ${TEST_WORKERS:-12}"
+  RESNET_FUSED_AUTOTUNE=0 RESNET_FUSED_REQUIRE_CUDA_EXT=1 RESNET_FUSED_REQUIRE_TRITON=1 HYPOTHESIS_PROFILE=gpu \
+    run tests 420 python3 -m pytest -q -rs -p no:cacheprovider --durations=20 $par ${TEST_ARGS:-tests}
+  grep -E "passed|failed|error" "$P/tests.log" | tail -3
+  grep -E "^(FAILED|ERROR)" "$P/tests.log" | head -40
+fi
+
+if [ "$STAGE" = extra ]; then
+  OUT="$P" run sanitize 300 bash scripts/gpu_sanitize.sh
+  grep -E "rc=|ERROR SUMMARY|passed|failed" "$P/sanitize.log" | head
+  run curve 240 python3 benchmarks/train_curve.py --out "$P/curve"
+  tail -5 "$P/curve.log"
+fi
+echo "stage $STAGE done in $(( $(date +%s) - START ))s"
