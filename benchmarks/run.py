@@ -203,6 +203,7 @@ def bench_models(args, device, env, out_rows, progress):
                     for impl in impls:
                         progress.set_description(f"{model_name} {mode} {dname} b{batch} {impl}")
                         row = dict(env, model=model_name, mode=mode, dtype=dname, batch=batch, impl=impl)
+                        step = None
                         try:
                             torch.manual_seed(1)
                             step, _m = build(impl, base, device, dtype, mode, example)

@@ -8,6 +8,7 @@
 #                  channels_last model benchmarks (eager, eager-cl, compile, fused-triton,
 #                  fused-cuda at batches 1 and 256, infer and train; CUDA-graph variants at b1)
 #   STAGE=suite    the per-layer op benchmark (batch 256 bf16), then the CUDA test suite
+#   STAGE=infer    the inference and CUDA-graph rows again (after a fix), then the suite
 #   STAGE=extra    compute-sanitizer (memcheck, racecheck) and the 100-step bf16 curves
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -67,11 +68,28 @@ fi
 
 if [ "$STAGE" = suite ]; then
   bench ops 200 --no-models
-  par=""; python3 -c "import xdist" 2>/dev/null && par="-n ${TEST_WORKERS:-12}"
+fi
+
+if [ "$STAGE" = infer ]; then  # the inference rows again (after a fix), then the suite with what time is left
+  run warm 120 python3 scripts/warm_caches.py --modes eval-folded --batches 1,256 --workers 13
+  pkill -f multiprocessing.spawn 2>/dev/null; tail -1 "$P/warm.log"; grep -A8 FAIL "$P/warm.log" | head -20
+  bench m_infer 100 --no-ops --modes infer --impls fused-triton,fused-cuda
+  bench m_graph 80 --no-ops --modes infer --batches 1 --impls eager-cl-graph,fused-triton-graph,fused-cuda-graph
+  for spec in "fused-cuda train" "fused-triton train"; do
+    set -- $spec
+    run "prof_$1_$2" 45 python3 scripts/profile_step.py --impl "$1" --mode "$2" --top 25
+    head -1 "$P/prof_$1_$2.log"
+  done
+fi
+
+if [ "$STAGE" = suite ] || [ "$STAGE" = infer ]; then
+  # -v: a run stopped at its deadline still names every test that finished; --timeout: a hung
+  # test fails with its traceback instead of eating the call
+  par=""; python3 -c "import xdist" 2>/dev/null && par="-n ${TEST_WORKERS:-12} --dist worksteal"
   RESNET_FUSED_AUTOTUNE=0 RESNET_FUSED_REQUIRE_CUDA_EXT=1 RESNET_FUSED_REQUIRE_TRITON=1 HYPOTHESIS_PROFILE=gpu \
-    run tests 420 python3 -m pytest -q -rs -p no:cacheprovider --durations=20 $par ${TEST_ARGS:-tests}
-  grep -E "passed|failed|error" "$P/tests.log" | tail -3
-  grep -E "^(FAILED|ERROR)" "$P/tests.log" | head -40
+    run tests 480 python3 -m pytest -v -rfEs -p no:cacheprovider --timeout=240 --durations=30 $par ${TEST_ARGS:-tests}
+  grep -cE " PASSED " "$P/tests.log"; grep -E "passed|failed|error" "$P/tests.log" | tail -3
+  grep -E "(FAILED|ERROR) " "$P/tests.log" | head -40
 fi
 
 if [ "$STAGE" = extra ]; then

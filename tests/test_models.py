@@ -325,6 +325,22 @@ def test_autocast_cpu_bf16():
     assert (out.float() - ref.float()).abs().max().item() < 5e-2 * ref.float().abs().max().item() + 1e-2
 
 
+def test_autocast_cpu_bf16_eval_folded_path():
+    # eval under autocast: block inputs are already bf16 while the conv weights stay fp32, which
+    # autocast allows (the folded path must not apply conv2d's no-autocast dtype rule)
+    ours, theirs = tiny_pair()
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), resnet_fused.use_backend("reference"):
+        with resnet_fused.dispatch_trace() as trace:
+            out = ours(x)
+        ref = theirs(x)
+    assert {op for op, _ in trace} == {"conv_affine_act"}  # every conv took the folded eval path
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert (out.float() - ref.float()).abs().max().item() < 5e-2 * ref.float().abs().max().item() + 1e-2
+
+
 def test_compile_fullgraph_resnet18():
     ours, theirs = pair("resnet18", num_classes=5)
     x = torch.randn(4, 3, 64, 64)  # (2x32x32 leaves 2 values per channel in layer4: ill-conditioned)

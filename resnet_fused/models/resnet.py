@@ -154,12 +154,11 @@ def _folded(conv, bn, dtype):
 
 
 def _autocast_dtype(x):
-    """The dtype a conv would run in: autocast casts float32/16/bf16 (never float64)."""
+    """The dtype autocast runs a conv on ``x`` in (it casts float32/16/bf16, never float64),
+    or None when autocast leaves ``x`` as it is."""
     if x.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        dt = autocast_dtype(x.device.type)
-        if dt is not None:
-            return dt
-    return x.dtype
+        return autocast_dtype(x.device.type)
+    return None
 
 
 def _no_autocast(x):
@@ -177,8 +176,10 @@ def conv_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor, residual: Optional[Tensor
     if (not use_batch and not _grad_needed(x, conv, bn, residual) and x.dim() == 4
             and x.shape[1] == conv.in_channels):
         dt = _autocast_dtype(x)
-        if dt == x.dtype and x.dtype != conv.weight.dtype and x.is_floating_point():
-            raise RuntimeError(f"Input type ({x.dtype}) and weight type ({conv.weight.dtype}) should be the same")
+        if dt is None:  # no autocast: conv2d's own dtype rule
+            dt = x.dtype
+            if x.dtype != conv.weight.dtype and x.is_floating_point():
+                raise RuntimeError(f"Input type ({x.dtype}) and weight type ({conv.weight.dtype}) should be the same")
         if dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             w, bias = _folded(conv, bn, dt)
             if x.dtype != dt:
