@@ -479,6 +479,48 @@ def plots(out, model_rows, op_rows):
     return written
 
 
+def _typed(row):
+    """A CSV row with its numbers as numbers (for the tables and plots)."""
+    out = dict(row)
+    for k, v in row.items():
+        if k in ("batch",) and v not in ("", None):
+            out[k] = int(v)
+        elif k in ("img_per_s", "ms_median", "ms_p20", "ms_p80", "peak_mem_mb", "tflops", "gbps", "peak_tflops",
+                   "peak_gbps") and v not in ("", None):
+            out[k] = float(v)
+    return out
+
+
+def append_from(dirs, results, out=None):
+    """Append the ok rows of the run folders ``dirs`` to ``results``; with ``out``, write their
+    combined summary.md and plots there."""
+    got = {"models.csv": [], "ops.csv": []}
+    for d in dirs:
+        for name, cols in (("models.csv", MODEL_COLUMNS), ("ops.csv", OP_COLUMNS)):
+            src = os.path.join(d, name)
+            if os.path.exists(src):
+                with open(src) as f:
+                    rows = list(csv.DictReader(f))
+                append_csv(os.path.join(results, name), cols, rows)
+                got[name] += [_typed(r) for r in rows if r.get("status") == "ok"]
+                print(f"appended {sum(r.get('status') == 'ok' for r in rows)} rows of {src}")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        text = []
+        mrows, orows = got["models.csv"], got["ops.csv"]
+        heads = sorted({f"device {r['device']}, torch {r['torch']}, triton {r['triton']}, commit {r['commit']}"
+                        for r in mrows + orows})
+        if mrows:
+            text += ["## Models", "", model_table(mrows, "eager-cl"), ""]
+        if orows:
+            text += ["## Operators", "", op_table(orows), ""]
+        with open(os.path.join(out, "summary.md"), "w") as f:
+            f.write("# Benchmark runs\n\n" + "\n".join(f"- {h}" for h in heads) + "\n\n" + "\n".join(text))
+        for p in plots(out, mrows, orows):
+            print("wrote", p)
+    return got["models.csv"], got["ops.csv"]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
@@ -499,19 +541,12 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="folder for this run's CSVs, summary and plots")
     ap.add_argument("--results", default=os.path.join(HERE, "results"), help="folder of the appended CSVs")
     ap.add_argument("--no-append", action="store_true", help="do not append to the results CSVs")
-    ap.add_argument("--append-from", default=None, metavar="DIR",
-                    help="append the ok rows of another run's --out folder (e.g. fetched from a GPU machine) to "
-                         "the results CSVs, and exit")
+    ap.add_argument("--append-from", default=None, metavar="DIR[,DIR...]",
+                    help="append the ok rows of other runs' --out folders (e.g. fetched from a GPU machine) to "
+                         "the results CSVs (with --out: also their combined summary and plots), and exit")
     args = ap.parse_args(argv)
     if args.append_from:
-        for name, cols in (("models.csv", MODEL_COLUMNS), ("ops.csv", OP_COLUMNS)):
-            src = os.path.join(args.append_from, name)
-            if os.path.exists(src):
-                with open(src) as f:
-                    rows = list(csv.DictReader(f))
-                append_csv(os.path.join(args.results, name), cols, rows)
-                print(f"appended {sum(r.get('status') == 'ok' for r in rows)} rows of {src}")
-        return [], []
+        return append_from(args.append_from.split(","), args.results, args.out)
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -65,7 +65,9 @@ def main():
             step()
             torch.cuda.synchronize()
     ka = prof.key_averages()
-    gpu = sum(e.self_device_time_total for e in ka) / 1e3
+    # kernels only: an op's event carries its kernels' device time too
+    gpu = sum(e.self_device_time_total for e in ka
+              if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA) / 1e3
     table = ka.table(sort_by="self_device_time_total", row_limit=a.top, max_name_column_width=90)
     head = (f"{a.impl} {a.mode} b{a.batch} bf16: wall {wall:.2f} ms/step (unprofiled, mean of 5); "
             f"GPU kernel time in the profiled step {gpu:.2f} ms; {torch.cuda.get_device_name()}, torch {torch.__version__}")

@@ -120,6 +120,33 @@ def test_forward_parity_fp64(case, training):
     assert_close(bn_o["running_var"], bn_e["running_var"], 1e-12, 1e-12)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="no CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_forward_tf32_like_pytorch(backend, training):
+    # PyTorch's default on a GPU: fp32 convolutions in TF32 (cudnn.allow_tf32), which the fused
+    # ops follow. Judged against float64 truth relative to PyTorch's own TF32 error.
+    if backend == "cuda" and "cuda" not in resnet_fused.available_backends():
+        pytest.skip("CUDA extension not loaded")
+    x, w, bn, res, conv = make("3x3-multitile", "cuda", N=4)
+    truth, _ = ref(*(t.double() for t in (x, w)), {k: v.double() for k, v in bn.items()}, res.double(), conv,
+                   training=training)
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        out, _ = run(backend, x, w, bn, res, conv, training=training)
+        torch_tf32, _ = ref(x, w, bn, res, conv, training=training)
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
+    ours_err = (out.double() - truth).abs().max().item()
+    torch_err = (torch_tf32.double() - truth).abs().max().item()
+    # (+ TF32's own scale: cuDNN may pick an IEEE kernel for so small a problem -- seen on an
+    # H100 for a 1x1x1 one -- while Triton's tf32 dot rounds the operands to 10-bit mantissas)
+    scale = truth.abs().max().item()
+    assert ours_err <= 3 * torch_err + 5e-3 * scale, f"ours {ours_err} vs PyTorch's TF32 {torch_err} (scale {scale})"
+
+
 def _lowp_dtypes(device):
     if device == "cpu" and _triton.interpreting():
         return [torch.float16]  # numpy has no bfloat16

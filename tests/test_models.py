@@ -129,12 +129,18 @@ def _double(data):
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_training_steps_parity(name):
+    # float32, two steps: judged against float64 truth relative to torchvision's own float32
+    # error (agreement with torchvision to a fixed 1e-4 held on one CPU and not on another:
+    # the summation order of the CPU convolutions depends on the machine and thread count)
     ours, theirs = pair(name, num_classes=5)
-    data = _data(1, 4, 32, 5)
+    truth = copy.deepcopy(theirs).double()
+    data = _data(2, 4, 32, 5)
     with resnet_fused.use_backend("reference"):
         lo = _train(ours, data)
     lt = _train(theirs, data)
-    assert_close(lo, lt, 1e-4, 1e-4)
+    ltruth = _train(truth, _double(data))
+    err_ours, err_tv = (lo.double() - ltruth).abs().max().item(), (lt.double() - ltruth).abs().max().item()
+    assert err_ours <= 4 * err_tv + 1e-6 * ltruth.abs().max().item(), (err_ours, err_tv)
     # several steps, float64
     ours, theirs = pair(name, num_classes=5)
     ours.double()
@@ -462,6 +468,7 @@ def test_gpu_no_host_sync_cuda_graph_and_autocast(backend):
     if backend not in _gpu_backends():
         pytest.skip(f"{backend} not runnable here")
     ours, theirs = pair("resnet50", num_classes=10)
+    truth = copy.deepcopy(theirs).double().cuda().to(memory_format=torch.channels_last)
     ours.cuda().to(memory_format=torch.channels_last)
     theirs.cuda().to(memory_format=torch.channels_last)
     x = torch.randn(8, 3, 64, 64, device="cuda").to(memory_format=torch.channels_last)
@@ -469,6 +476,7 @@ def test_gpu_no_host_sync_cuda_graph_and_autocast(backend):
         # training step under autocast: no host synchronisation anywhere in the forward
         with torch.autocast("cuda", torch.bfloat16):
             ours(x)  # warm-up (autotuning may synchronise)
+            theirs(x)  # the same number of running-statistics updates on both sides
             torch.cuda.set_sync_debug_mode("error")
             try:
                 out = ours(x)
@@ -476,16 +484,32 @@ def test_gpu_no_host_sync_cuda_graph_and_autocast(backend):
                 torch.cuda.set_sync_debug_mode("default")
             ref = theirs(x)
         assert out.dtype == torch.bfloat16
-        assert (out.float() - ref.float()).abs().max().item() < 0.1 * ref.float().abs().max().item() + 0.05
+        # bf16 through 50 layers with batch statistics over few values (layer4: 32 per channel)
+        # is far from exact: judged against float64 truth, relative to PyTorch's own bf16 error
+        # (seen on an H100: both ~0.4 on outputs of scale 2 -- a 0.1 tolerance against eager
+        # failed for both backends)
+        tr = truth(x.double())
+        truth(x.double())
+        _within_torch_error(out, ref, tr, factor=2.0)
         ours.eval()
         theirs.eval()
+        truth.eval()
         with torch.inference_mode():
             run = resnet_fused.capture(ours, x)
-            got = run(x).clone()
-            x2 = torch.randn_like(x)
-            got2 = run(x2).clone()
-            rel_close(got, theirs(x), 1e-2)
-            rel_close(got2, theirs(x2), 1e-2)
+            for inp in (x, torch.randn_like(x)):  # the second: the graph reads its new input
+                got = run(inp).clone()
+                # fp32 convs run in TF32 on both sides (PyTorch's default, which the fused ops follow)
+                _within_torch_error(got, theirs(inp), truth(inp.double()), factor=2.0)
+
+
+def _within_torch_error(ours_out, torch_out, truth, factor, floor=1e-3):
+    """max|ours - truth| <= factor * max|torch - truth| + floor * max|truth| (same precision)."""
+    t = truth.double()
+    scale = t.abs().max().item()
+    err_ours = (ours_out.double() - t).abs().max().item()
+    err_torch = (torch_out.double() - t).abs().max().item()
+    assert err_ours <= factor * err_torch + floor * scale, (
+        f"error vs float64 truth: ours {err_ours:.3g}, PyTorch's {err_torch:.3g} (scale {scale:.3g})")
 
 
 @pytest.mark.parametrize("case", BACKEND_DEVICE)

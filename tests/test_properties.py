@@ -60,7 +60,10 @@ def _layout(t, layout):
 
 @pytest.mark.parametrize("case", BACKEND_DEVICE)
 @given(p=conv_problems())
-def test_conv_bn_relu_random_problems(case, p):
+def test_conv_bn_relu_random_problems(case, p, ieee_fp32):
+    # ieee_fp32: on a GPU both sides would otherwise run fp32 in TF32 (PyTorch's default for
+    # convolutions, which the fused ops follow), each rounding differently (seen on an H100:
+    # 2.5e-3 relative on a single product); TF32 parity has its own tests.
     backend, device = case
     dt = torch.float64 if p["dtype"] == "fp64" else torch.float32
     g = torch.Generator().manual_seed(p["seed"])
