@@ -6,6 +6,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "bn.h"
 #include "common.h"
 
 namespace resnet_fused {
@@ -90,6 +91,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize(
   return {mean, invstd, nrm, nrv};
 }
 
+}  // namespace
+
 at::Tensor bn_apply(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
                     const std::optional<at::Tensor>& residual, bool relu) {
   check_nhwc(z, "z", z);
@@ -107,6 +110,8 @@ at::Tensor bn_apply(const at::Tensor& z, const at::Tensor& scale, const at::Tens
                "resnet_fused_C::bn_apply");
   return out;
 }
+
+namespace {
 
 constexpr int64_t kReduceRows = 256;
 

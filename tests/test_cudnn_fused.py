@@ -1,0 +1,136 @@
+"""The CUDA backend's eval path: conv + bias (+ residual) + ReLU as one cuDNN fused call
+(csrc/conv_fused.cpp, resnet_fused_C::conv_bias_act), with ATen conv + our epilogue where
+cuDNN is not asked (no ReLU, float64, deterministic mode) or refuses.
+
+Parity is judged against float64 truth relative to PyTorch's own error in the same precision
+(F.conv2d in that dtype, then the bias, residual and ReLU): max|ours - truth| <= 2 max|torch -
+truth| + 1e-3 max|truth|. Which path ran is read from dispatch_trace (the note
+"conv_affine_act/cuda": "cudnn-fused" or "conv+epilogue").
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resnet_fused
+from resnet_fused.ops.conv_bn_relu.cuda import FUSED_PATH
+from resnet_fused.ops.conv_bn_relu.inference import conv_affine_act
+
+from conftest import NO_CUDA
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(NO_CUDA, reason="no CUDA GPU")]
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+# name: (N, C, K, H, kernel, stride, groups, residual)
+CASES = {
+    "3x3": (4, 32, 64, 14, 3, 1, 1, False),
+    "1x1+res": (4, 64, 128, 14, 1, 1, 1, True),
+    "3x3s2": (4, 32, 64, 15, 3, 2, 1, False),
+    "3x3s2+res": (4, 32, 64, 15, 3, 2, 1, True),
+    "3x3g4": (4, 64, 64, 14, 3, 1, 4, False),
+    "odd": (3, 24, 40, 9, 3, 1, 1, True),
+}
+
+
+def _skip_without_ext():
+    if "cuda" not in resnet_fused.available_backends():
+        pytest.skip("CUDA extension not loaded")
+
+
+def make(case, dtype, seed=0):
+    N, C, K, H, k, s, g, res = CASES[case]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, H, generator=gen)
+    w = torch.randn(K, C // g, k, k, generator=gen) * (C // g * k * k) ** -0.5
+    bias = torch.randn(K, generator=gen) * 0.5
+    P = (H + 2 * (k // 2) - k) // s + 1
+    r = torch.randn(N, K, P, P, generator=gen) if res else None
+    cl = torch.channels_last
+    dev = "cuda"
+    t = lambda v: v.to(dev, dtype).to(memory_format=cl) if v is not None else None  # noqa: E731
+    conv = dict(stride=(s, s), padding=(k // 2, k // 2), dilation=(1, 1), groups=g)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return t(x), t(w), bias.to(dev, acc), t(r), conv
+
+
+def eager(x, w, bias, r, conv, relu, dtype):
+    y = F.conv2d(x.to(dtype), w.to(dtype), None, conv["stride"], conv["padding"], conv["dilation"], conv["groups"])
+    y = y.to(bias.dtype) + bias.view(1, -1, 1, 1)
+    if r is not None:
+        y = y + r.to(y.dtype)
+    return (torch.relu(y) if relu else y).to(dtype)
+
+
+def ours(x, w, bias, r, conv, relu):
+    with resnet_fused.use_backend("cuda"), resnet_fused.dispatch_trace() as trace:
+        out = conv_affine_act(x, w, None, bias, r, conv["stride"], conv["padding"], conv["dilation"], conv["groups"],
+                              relu)
+    paths = [b for op, b in trace if op == FUSED_PATH]
+    assert ("conv_affine_act", "cuda") in trace and len(paths) == 1, trace
+    return out, paths[0]
+
+
+def check(out, x, w, bias, r, conv, relu, dtype):
+    truth = eager(x.double(), w.double(), bias.double(), r.double() if r is not None else None, conv, relu,
+                  torch.float64)
+    torch_out = eager(x, w, bias, r, conv, relu, dtype)
+    assert out.dtype == dtype and out.shape == truth.shape
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    scale = truth.abs().max().item()
+    e_ours = (out.double() - truth).abs().max().item()
+    e_torch = (torch_out.double() - truth).abs().max().item()
+    assert e_ours <= 2 * e_torch + 1e-3 * scale, f"ours {e_ours} vs PyTorch's {e_torch} (scale {scale})"
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_cudnn_fused_eval_parity(case, dtype):
+    _skip_without_ext()
+    dt = DTYPES[dtype]
+    x, w, bias, r, conv = make(case, dt)
+    out, path = ours(x, w, bias, r, conv, relu=True)
+    assert path in ("cudnn-fused", "conv+epilogue")
+    check(out, x, w, bias, r, conv, True, dt)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_cudnn_fused_path_runs_for_resnet_layers(dtype):
+    # the point of the path: cuDNN takes ResNet's plain 3x3 and 1x1 + residual layers in half precision
+    _skip_without_ext()
+    for case in ("3x3", "1x1+res", "3x3s2"):
+        x, w, bias, r, conv = make(case, DTYPES[dtype])
+        _, path = ours(x, w, bias, r, conv, relu=True)
+        assert path == "cudnn-fused", (case, path)
+
+
+def test_without_relu_and_in_float64_conv_then_epilogue():
+    _skip_without_ext()
+    for dtype, relu in ((torch.bfloat16, False), (torch.float64, True)):
+        x, w, bias, r, conv = make("3x3s2+res", dtype)
+        out, path = ours(x, w, bias, r, conv, relu=relu)
+        assert path == "conv+epilogue"
+        check(out, x, w, bias, r, conv, relu, dtype)
+
+
+def test_deterministic_mode_takes_the_conv_then_epilogue_path():
+    _skip_without_ext()
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        x, w, bias, r, conv = make("1x1+res", torch.bfloat16)
+        out, path = ours(x, w, bias, r, conv, relu=True)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert path == "conv+epilogue"
+    check(out, x, w, bias, r, conv, True, torch.bfloat16)
+
+
+def test_bad_input_to_the_compiled_op():
+    _skip_without_ext()
+    x, w, bias, r, conv = make("3x3", torch.bfloat16)
+    op = torch.ops.resnet_fused_C.conv_bias_act
+    with pytest.raises(RuntimeError, match="bias must be a contiguous"):
+        op(x, w, bias[:-1], None, [1, 1], [1, 1], [1, 1], 1, True)
+    with pytest.raises(RuntimeError, match="weight must be 4-D"):
+        op(x, w.float(), bias, None, [1, 1], [1, 1], [1, 1], 1, True)
