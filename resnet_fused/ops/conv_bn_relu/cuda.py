@@ -1,10 +1,13 @@
 """CUDA C++ backend of conv + BatchNorm (+ residual) + ReLU: the convolution is ATen's
 (cuDNN, channels_last), every BatchNorm / residual / ReLU kernel is ours (csrc/bn_kernels.cu),
-registered as resnet_fused_C::* operators."""
+registered as resnet_fused_C::* operators; in eval with the BatchNorm folded into the weight,
+conv + bias (+ residual) + ReLU is one cuDNN fused call (csrc/conv_fused.cpp) where cuDNN
+takes it."""
 from __future__ import annotations
 
 import torch
 
+from ... import _backends
 from . import reference
 
 _ops = None
@@ -17,9 +20,21 @@ def _C():
     return _ops
 
 
-def conv_fwd(x, weight, K, P, Q, stride, padding, dilation, groups, **kw):
-    return reference.conv_fwd(x, weight, K, P, Q, stride, padding, dilation, groups,
-                              stats=_stats, apply=bn_apply, **kw)
+# The eval path with the BatchNorm folded into the weight runs as one cuDNN fused call where
+# cuDNN takes it (csrc/conv_fused.cpp); which path ran is noted under this name.
+FUSED_PATH = "conv_affine_act/cuda"
+
+
+def conv_fwd(x, weight, K, P, Q, stride, padding, dilation, groups, *, training, scale=None, shift=None,
+             residual=None, relu=True, store_z=False, ieee=True):
+    if not training and scale is None and not store_z:
+        out, path = _C().conv_bias_act(x, weight, shift, residual, list(stride), list(padding), list(dilation),
+                                       groups, relu)
+        _backends.note(FUSED_PATH, "cudnn-fused" if path == 0 else "conv+epilogue")
+        return out, None, None, None, 0
+    return reference.conv_fwd(x, weight, K, P, Q, stride, padding, dilation, groups, training=training, scale=scale,
+                              shift=shift, residual=residual, relu=relu, store_z=store_z, ieee=ieee, stats=_stats,
+                              apply=bn_apply)
 
 
 def _stats(z):
