@@ -146,6 +146,7 @@ write_build_info(**build_info)
 
 setup(
     packages=find_packages(include=["resnet_fused", "resnet_fused.*"]),
+    package_data={"resnet_fused": ["tuning/*.json"]},  # per-GPU tuning tables of the backend selection
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

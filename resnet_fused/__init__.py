@@ -7,6 +7,7 @@ extension ``resnet_fused._C``). See :func:`available_backends` and :func:`set_ba
 from . import _ext
 from ._backends import available_backends, dispatch_trace, get_backend, set_backend, use_backend
 from . import functional
+from .explain import Explanation, explain
 from .graphs import capture
 
 __version__ = "0.1.0"
@@ -30,6 +31,8 @@ __all__ = list(_MODEL_NAMES) + [
     "available_backends",
     "capture",
     "dispatch_trace",
+    "explain",
+    "Explanation",
     "functional",
     "get_backend",
     "set_backend",

@@ -3,9 +3,12 @@
 The dispatcher picks the device; this small switch picks, per call, Triton vs the
 compiled CUDA extension vs the pure-PyTorch reference:
 
-* ``"auto"`` (default): CUDA tensors -> ``"triton"`` if available, else ``"cuda"``, else
-  ``"reference"``; CPU tensors -> ``"reference"``, except under ``TRITON_INTERPRET=1``,
-  where ``"triton"`` runs them through Triton's interpreter.
+* ``"auto"`` (default): CUDA tensors -> the fastest of the operator's declared candidates
+  that are available, chosen per call signature (see ``_select``: this process's decision,
+  the cache file, the shipped table, timing, or a fixed rule: the first declared candidate);
+  an operator that declares none, or passes no signature, gets ``"triton"`` if available,
+  else ``"cuda"``, else ``"reference"``. CPU tensors -> ``"reference"``, except under
+  ``TRITON_INTERPRET=1``, where ``"triton"`` runs them through Triton's interpreter.
 * an explicit name, from :func:`set_backend`, :func:`use_backend` or the environment
   variable ``RESNET_FUSED_BACKEND``: that backend or a clear error, never a silent
   fallback.
@@ -15,10 +18,11 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Callable, Optional
 
 import torch
 
-from . import _ext, _triton
+from . import _ext, _select, _triton
 
 BACKENDS = ("reference", "triton", "cuda")
 _CHOICES = ("auto",) + BACKENDS
@@ -83,20 +87,59 @@ def use_backend(name: str) -> Iterator[None]:
         _current = prev
 
 
-def resolve(op: str, t: torch.Tensor) -> str:
+# Device types on which auto chooses among an operator's candidates (tests add "cpu").
+_SELECT_DEVICES: tuple[str, ...] = ("cuda",)
+# op -> the backends that can run it on CUDA, in the order the fixed rule prefers them
+_CANDIDATES: dict[str, tuple[str, ...]] = {}
+
+
+def declare_candidates(op: str, backends: tuple[str, ...]) -> None:
+    """Called by an operator module: the CUDA backends ``auto`` chooses among for ``op``."""
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"declare_candidates({op!r}): unknown backends {unknown}")
+    _CANDIDATES[op] = tuple(backends)
+
+
+def candidates(op: str) -> tuple[str, ...]:
+    """The declared candidates of ``op`` that this installation can run."""
+    avail = available_backends()
+    return tuple(b for b in _CANDIDATES.get(op, ("triton", "cuda")) if b in avail)
+
+
+def resolve(op: str, t: torch.Tensor, *, key: Optional[tuple] = None,
+            runner: Optional[Callable[[str], Callable[[], object]]] = None, no_timing: Optional[str] = None,
+            weight: Optional[torch.Tensor] = None) -> str:
     """The concrete backend that runs ``op`` on tensors like ``t``; raises if the chosen
-    backend cannot run on that device."""
+    backend cannot run on that device.
+
+    ``key`` (from ``_select.conv_key``) and ``runner`` (``runner(backend)`` returns a
+    zero-argument callable running this call on that backend into scratch outputs) let
+    ``auto`` time the candidates on CUDA; ``no_timing`` names a reason not to time this call."""
     name = _current
     dev = t.device.type
     avail = available_backends()
     if name == "auto":
-        if dev == "cuda":
-            if "triton" in avail:
-                return "triton"
-            return "cuda" if "cuda" in avail else "reference"
-        if dev == "cpu" and "triton" in avail and _triton.interpreting():
-            return "triton"
-        return "reference"
+        if dev in _SELECT_DEVICES:
+            cands = candidates(op)
+            if not cands:
+                choice, source = "reference", "only candidate"
+            elif len(cands) == 1 or key is None:
+                choice, source = cands[0], ("only candidate" if len(cands) == 1 else "rule (no signature)")
+            elif torch.compiler.is_compiling():
+                if all(isinstance(v, (int, str)) for v in key):  # static shapes: a constant decision
+                    return _select.traced_choice(t.device.index if dev == "cuda" else None, key, cands,
+                                                 torch.are_deterministic_algorithms_enabled())
+                return cands[0]
+            else:
+                choice, source = _select.choose(t, key, cands, runner, no_timing)
+        elif dev == "cpu" and "triton" in avail and _triton.interpreting():
+            choice, source = "triton", "device (interpreter)"
+        else:
+            choice, source = "reference", "device"
+        if _select.RECORDER is not None:
+            _select.record(op, t, weight, key, choice, source)
+        return choice
     if name not in avail:  # set through the environment variable
         raise RuntimeError(f"{op}: backend {name!r} (RESNET_FUSED_BACKEND) is not available: {_why_unavailable(name)}")
     if name == "triton" and dev != "cuda" and not (dev == "cpu" and _triton.interpreting()):
@@ -105,6 +148,8 @@ def resolve(op: str, t: torch.Tensor) -> str:
             f"import), got a {dev} tensor")
     if name == "cuda" and dev != "cuda":
         raise RuntimeError(f"{op}: the 'cuda' backend runs CUDA tensors, got a {dev} tensor")
+    if _select.RECORDER is not None:
+        _select.record(op, t, weight, key, name, "forced")
     return name
 
 
@@ -124,7 +169,22 @@ def dispatch_trace() -> Iterator[list[tuple[str, str]]]:
         _trace.remove(log)
 
 
+_quiet = [0]
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Implementations run inside are not recorded (the selection's timing runs)."""
+    _quiet[0] += 1
+    try:
+        yield
+    finally:
+        _quiet[0] -= 1
+
+
 def note(op: str, backend: str) -> None:
     """Called by each implementation as it runs."""
+    if _quiet[0]:
+        return
     for log in _trace:
         log.append((op, backend))

@@ -43,7 +43,7 @@ if [ "$STAGE" = all ] || [ "$STAGE" = tests ]; then
   python3 -c "import xdist" 2>/dev/null && par="-n ${TEST_WORKERS:-8}"
   # OMP_NUM_THREADS: one CPU thread per worker (14 workers x 16 torch threads made the CPU tests
   # crawl on the GPU machine and left 6 of 440 unfinished in 385 s)
-  OMP_NUM_THREADS=1 RESNET_FUSED_AUTOTUNE=0 RESNET_FUSED_REQUIRE_CUDA_EXT=1 RESNET_FUSED_REQUIRE_TRITON=1 HYPOTHESIS_PROFILE=gpu \
+  OMP_NUM_THREADS=1 RESNET_FUSED_TUNE_BUDGET=0 RESNET_FUSED_AUTOTUNE=0 RESNET_FUSED_REQUIRE_CUDA_EXT=1 RESNET_FUSED_REQUIRE_TRITON=1 HYPOTHESIS_PROFILE=gpu \
     timeout ${TEST_TIMEOUT:-500} python3 -m pytest -q -rs -p no:cacheprovider --durations=15 $par \
     ${TEST_ARGS:-tests} > "$OUT/tests.log" 2>&1
   echo "tests rc=$? in $(( $(date +%s) - t0 )) s"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3

@@ -28,6 +28,7 @@ from torchvision import models as tvm
 from torchvision.models import resnet as tvr
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .. import _select
 from ..ops._common import autocast_dtype
 from ..ops.conv_bn_relu import conv_bn_relu
 from ..ops.conv_bn_relu.inference import conv_affine_act, fold_bn
@@ -173,6 +174,8 @@ def conv_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor, residual: Optional[Tensor
     """``relu?(bn(conv(x)) + residual?)`` through the fused operators (the pair must be fusable)."""
     use_batch, momentum, rm, rv = _bn_state(bn)
     g, b = _bn_weight(bn)
+    if _select.RECORDER is not None:  # resnet_fused.explain(): name the layer of the next decision
+        _select.RECORDER.layer = _select.RECORDER.names.get(id(conv), "?")
     if (not use_batch and not _grad_needed(x, conv, bn, residual) and x.dim() == 4
             and x.shape[1] == conv.in_channels):
         dt = _autocast_dtype(x)

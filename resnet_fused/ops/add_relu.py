@@ -17,6 +17,7 @@ from .._triton import HAS_TRITON, tl, triton
 from ._common import as_layout, check_float, check_same, device_guard
 
 OP = "add_relu"
+_backends.declare_candidates(OP, ("triton", "cuda"))  # no per-call timing: the first available
 
 
 # --- reference ------------------------------------------------------------------------

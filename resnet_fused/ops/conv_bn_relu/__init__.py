@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ... import _backends
+from ... import _backends, _select
 from ..._triton import HAS_TRITON
 from . import cuda as _cuda_impl
 from . import reference as _ref_impl
@@ -41,6 +41,8 @@ else:  # pragma: no cover
 
 OP = "conv_bn_relu"
 _IMPLS = {"reference": _ref_impl, "triton": _triton_impl, "cuda": _cuda_impl}
+# auto on CUDA chooses per call signature between these (the fixed rule: the first)
+_backends.declare_candidates(OP, ("triton", "cuda"))
 
 __all__ = ["conv_bn_relu", "conv_bn_relu_reference"]
 
@@ -327,10 +329,23 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias
             raise TypeError(f"{OP}: residual has dtype {residual.dtype} but the input has dtype {x.dtype}")
         if residual.device != x.device:
             raise RuntimeError(f"{OP}: residual is on {residual.device} but x is on {x.device}")
-    backend = _backends.resolve(OP, x)
+    allow_tf32 = conv_allows_tf32() and dev_type == "cuda"
+    key = runner = None
+    if (dev_type in _backends._SELECT_DEVICES and _backends.get_backend() == "auto") or _select.RECORDER is not None:
+        key = _select.conv_key(OP, x, weight, stride, padding, dilation, groups, residual is not None, relu,
+                               bool(training), allow_tf32)
+
+        def runner(b):  # this call on backend b, into scratch outputs (running statistics untouched)
+            def run():
+                with torch.no_grad(), device_guard(x):
+                    return _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride,
+                                    padding, dilation, groups, bool(training), float(momentum), float(eps),
+                                    bool(relu), False, allow_tf32, b, 0)
+            return run
+    backend = _backends.resolve(OP, x, key=key, runner=runner, weight=weight,
+                                no_timing="synchronized BatchNorm" if training and process_group is not None else None)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias, residual))
-    allow_tf32 = conv_allows_tf32() and dev_type == "cuda"
     out, _z, _mean, _invstd, new_rm, new_rv = _fwd_op(
         x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation, groups,
         bool(training), float(momentum), float(eps), bool(relu), needs_grad, allow_tf32, backend,

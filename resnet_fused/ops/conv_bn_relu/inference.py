@@ -11,10 +11,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ... import _backends
+from ... import _backends, _select
 from .reference import CL, acc_dtype
 
 OP = "conv_affine_act"
+# auto on CUDA chooses per call signature between these (the fixed rule: the first). "cuda" is
+# cuDNN's fused conv + bias (+ residual) + ReLU (csrc/conv_fused.cpp).
+_backends.declare_candidates(OP, ("triton", "cuda"))
 
 
 def fold_bn(weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], running_mean: Tensor,
@@ -35,11 +38,9 @@ def fold_bn(weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tenso
     return w, bias.contiguous()
 
 
-@torch.library.custom_op("resnet_fused::conv_affine_act", mutates_args=())
-def conv_affine_act_op(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Tensor, residual: Optional[Tensor],
-                       stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
-                       allow_tf32: bool, backend: str) -> Tensor:
-    """relu?(conv(x, weight) * scale? + shift + residual?), output channels_last."""
+def _run(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Tensor, residual: Optional[Tensor],
+         stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool, allow_tf32: bool,
+         backend: str) -> Tensor:
     from . import _IMPLS, _in_layout, _out_size
     from .._common import device_guard
 
@@ -57,6 +58,14 @@ def conv_affine_act_op(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift
         return _in_layout(out, (N, K, P, Q), CL)
 
 
+@torch.library.custom_op("resnet_fused::conv_affine_act", mutates_args=())
+def conv_affine_act_op(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Tensor, residual: Optional[Tensor],
+                       stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
+                       allow_tf32: bool, backend: str) -> Tensor:
+    """relu?(conv(x, weight) * scale? + shift + residual?), output channels_last."""
+    return _run(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, allow_tf32, backend)
+
+
 @conv_affine_act_op.register_fake
 def _(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, allow_tf32, backend):
     from . import _out_size
@@ -71,9 +80,18 @@ def conv_affine_act(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: T
                     stride, padding, dilation, groups: int, relu: bool) -> Tensor:
     """Inference-only fused conv; arguments as :func:`conv_bn_relu` after :func:`fold_bn`
     (callers validate shapes: the models do so through the module structure)."""
-    backend = _backends.resolve(OP, x)
     from .._common import conv_allows_tf32
 
+    stride, padding, dilation = list(stride), list(padding), list(dilation)
     allow_tf32 = conv_allows_tf32() and x.device.type == "cuda"
-    return conv_affine_act_op(x, weight, scale, shift, residual, list(stride), list(padding), list(dilation), groups,
-                              relu, allow_tf32, backend)
+    key = runner = None
+    if (x.device.type in _backends._SELECT_DEVICES and _backends.get_backend() == "auto") or _select.RECORDER is not None:
+        key = _select.conv_key(OP, x, weight, stride, padding, dilation, groups, residual is not None, relu, False,
+                               allow_tf32)
+
+        def runner(b):  # this call on backend b (a fresh output each run)
+            return lambda: _run(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu,
+                                allow_tf32, b)
+    backend = _backends.resolve(OP, x, key=key, runner=runner, weight=weight)
+    return conv_affine_act_op(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, allow_tf32,
+                              backend)
