@@ -9,8 +9,12 @@ and torch.compile.
 Every implementation starts from the same weights, is checked against eager before it is
 timed (a wrong one is reported as failed and never timed), is warmed up, and is timed with
 CUDA events per iteration; the median, p20 and p80 are reported with img/s and peak memory.
-Rows are appended to benchmarks/results/{models,ops}.csv; --out DIR gets this run's CSVs,
-a markdown summary and PNG plots.
+``fused-auto`` is the product's default (per-layer choice between the backends); its choice per
+layer is printed and written as explain_<model>_<mode>_<dtype>_b<batch>.csv.
+
+Each run writes its CSVs, a markdown summary and PNG plots into a fresh folder
+benchmarks/out/<time>-<device>/ (or --out DIR) and prints the path. Only --record appends the
+rows to the committed benchmarks/results/{models,ops}.csv (never the CPU smoke rows).
 """
 from __future__ import annotations
 
@@ -40,9 +44,10 @@ MODEL_COLUMNS = ["timestamp", "commit", "device", "torch", "triton", "model", "m
 OP_COLUMNS = ["timestamp", "commit", "device", "torch", "triton", "layer", "op", "mode", "dtype", "batch", "impl",
               "ms_median", "ms_p20", "ms_p80", "tflops", "gbps", "peak_tflops", "peak_gbps"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-GPU_IMPLS = ["eager", "eager-cl", "compile", "fused-triton", "fused-cuda"]
-OPTIONAL_IMPLS = ["compile-max", "eager-cl-graph", "fused-triton-graph", "fused-cuda-graph"]
-CPU_IMPLS = ["eager", "eager-cl", "fused-reference"]
+GPU_IMPLS = ["eager", "eager-cl", "compile", "fused-triton", "fused-cuda", "fused-auto"]
+OPTIONAL_IMPLS = ["compile-max", "eager-cl-graph", "fused-triton-graph", "fused-cuda-graph", "fused-auto-graph"]
+CPU_IMPLS = ["eager", "eager-cl", "fused-reference", "fused-auto"]
+NONE = "–"  # a cell with no value
 
 
 # --- environment ------------------------------------------------------------------------------
@@ -182,7 +187,14 @@ def check(impl, step, ref_out, mode, dtype):
     return "ok"
 
 
-def bench_models(args, device, env, out_rows, progress):
+def explain_model(m, example, device, dtype, mode):
+    """resnet_fused.explain on a built (fused, auto) model, in its mode and dtype."""
+    x = example.to(device).to(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        return resnet_fused.explain(m, x)
+
+
+def bench_models(args, device, env, out_rows, progress, explains=None):
     import torchvision
 
     impls = args.impls
@@ -203,7 +215,7 @@ def bench_models(args, device, env, out_rows, progress):
                     for impl in impls:
                         progress.set_description(f"{model_name} {mode} {dname} b{batch} {impl}")
                         row = dict(env, model=model_name, mode=mode, dtype=dname, batch=batch, impl=impl)
-                        step = None
+                        step = _m = None
                         try:
                             torch.manual_seed(1)
                             step, _m = build(impl, base, device, dtype, mode, example)
@@ -216,22 +228,29 @@ def bench_models(args, device, env, out_rows, progress):
                                 torch.cuda.reset_peak_memory_stats()
                             times = time_fn(step, device, args.warmup, args.iters, args.min_time)
                             med, p20, p80 = quantiles(times)
-                            peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+                            peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
                             row.update(img_per_s=round(batch / (med / 1e3), 1), ms_median=round(med, 4),
-                                       ms_p20=round(p20, 4), ms_p80=round(p80, 4), peak_mem_mb=round(peak, 1))
+                                       ms_p20=round(p20, 4), ms_p80=round(p80, 4), peak_mem_mb=round(peak, 1) if peak is not None else None)
                         row["status"] = status
                         out_rows.append(row)
                         progress.update(1)
+                        if impl == "fused-auto" and status == "ok" and explains is not None:
+                            explains.append((f"{model_name}_{mode}_{dname}_b{batch}",
+                                             explain_model(_m, example, device, dtype, mode)))
                         del step
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
 
 
 # --- operators ----------------------------------------------------------------------------------
+def _r1(v):
+    return round(v, 1) if v is not None else None
+
+
 def measured_peaks(device, dtype):
     """The device's matmul rate (TFLOP/s) and copy bandwidth (GB/s, read + write), measured now."""
     if device.type != "cuda":
-        return float("nan"), float("nan")
+        return None, None
     n = 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -309,7 +328,7 @@ def bench_ops(args, device, env, rows, progress):
                             if not err <= (2e-2 if dtype == torch.float32 else 8e-2):
                                 status = f"failed: {err:.3g} relative error vs eager"
                         row = dict(env, layer=L.name, op="conv_bn_relu", mode=mode, dtype=dname, batch=batch, impl=impl,
-                                   status=status, peak_tflops=round(peak_tf, 1), peak_gbps=round(peak_gb, 1))
+                                   status=status, peak_tflops=_r1(peak_tf), peak_gbps=_r1(peak_gb))
                         if status == "ok":
                             try:
                                 times = time_fn(step, device, args.warmup, args.op_iters)
@@ -352,7 +371,7 @@ def _bench_add_relu(args, device, env, rows, progress, L, batch, dtype, dname, b
                 if impl != "eager" and not torch.equal(fn(a, b), torch.relu(a + b)):
                     status = "failed: differs from torch.relu(a + b)"
                 row = dict(env, layer=f"{L.name} output", op="add_relu", mode=mode, dtype=dname, batch=batch,
-                           impl=impl, status=status, peak_tflops=round(peak_tf, 1), peak_gbps=round(peak_gb, 1))
+                           impl=impl, status=status, peak_tflops=_r1(peak_tf), peak_gbps=_r1(peak_gb))
                 if status == "ok":
                     med, p20, p80 = quantiles(time_fn(step, device, args.warmup, args.op_iters))
                     moved = nbytes * (2 if mode == "fwd-bwd" else 1)  # backward: read grad and out, write grad
@@ -391,6 +410,13 @@ def write_csv(path, columns, rows):
         w.writerows(rows)
 
 
+def cell(v, fmt="{}"):
+    """A table cell: '–' where there is no value (None, NaN, empty)."""
+    if v is None or v == "" or (isinstance(v, float) and v != v):
+        return NONE
+    return fmt.format(v)
+
+
 def model_table(rows, baseline):
     lines = ["| model | mode | dtype | batch | impl | img/s | ms median (p20-p80) | peak MB | vs " + baseline + " |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -400,13 +426,13 @@ def model_table(rows, baseline):
         key = (r["model"], r["mode"], r["dtype"], r["batch"])
         if r["status"] != "ok":
             lines.append(f"| {r['model']} | {r['mode']} | {r['dtype']} | {r['batch']} | {r['impl']} | "
-                         f"{r['status']} | | | |")
+                         f"{r['status']} | {NONE} | {NONE} | {NONE} |")
             continue
         b = base.get(key)
-        sp = f"{r['img_per_s'] / b['img_per_s']:.2f}x" if b else "-"
+        sp = f"{r['img_per_s'] / b['img_per_s']:.2f}x" if b else NONE
         lines.append(f"| {r['model']} | {r['mode']} | {r['dtype']} | {r['batch']} | {r['impl']} | "
                      f"{r['img_per_s']:.1f} | {r['ms_median']:.3f} ({r['ms_p20']:.3f}-{r['ms_p80']:.3f}) | "
-                     f"{r['peak_mem_mb']} | {sp} |")
+                     f"{cell(r.get('peak_mem_mb'))} | {sp} |")
     return "\n".join(lines)
 
 
@@ -417,11 +443,11 @@ def op_table(rows):
     for r in rows:
         head = f"| {r['op']} | {r['layer']} | {r['mode']} | {r['dtype']} | {r['impl']} |"
         if r["status"] != "ok":
-            lines.append(f"{head} {r['status']} | | | |")
+            lines.append(f"{head} {r['status']} | {NONE} | {NONE} | {NONE} |")
             continue
         b = base.get((r["op"], r["layer"], r["mode"], r["dtype"]))
-        sp = f"{b['ms_median'] / r['ms_median']:.2f}x" if b else "-"
-        lines.append(f"{head} {r['ms_median']:.3f} | {r['tflops']} | {r['gbps']} | {sp} |")
+        sp = f"{b['ms_median'] / r['ms_median']:.2f}x" if b else NONE
+        lines.append(f"{head} {r['ms_median']:.3f} | {cell(r.get('tflops'))} | {cell(r.get('gbps'))} | {sp} |")
     return "\n".join(lines)
 
 
@@ -538,9 +564,11 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--op-iters", type=int, default=20)
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds of timed iterations at least (GPU)")
-    ap.add_argument("--out", default=None, help="folder for this run's CSVs, summary and plots")
-    ap.add_argument("--results", default=os.path.join(HERE, "results"), help="folder of the appended CSVs")
-    ap.add_argument("--no-append", action="store_true", help="do not append to the results CSVs")
+    ap.add_argument("--out", default=None, help="folder for this run's CSVs, summary and plots (default: a fresh "
+                                                "benchmarks/out/<time>-<device>/)")
+    ap.add_argument("--record", action="store_true", help="also append this run's rows to the committed results "
+                                                          "CSVs (--results); never for CPU smoke runs")
+    ap.add_argument("--results", default=os.path.join(HERE, "results"), help="folder of the recorded CSVs")
     ap.add_argument("--append-from", default=None, metavar="DIR[,DIR...]",
                     help="append the ok rows of other runs' --out folders (e.g. fetched from a GPU machine) to "
                          "the results CSVs (with --out: also their combined summary and plots), and exit")
@@ -566,7 +594,7 @@ def main(argv=None):
         args.size = min(args.size, 64)
         args.op_batch = min(args.op_batch, 4)
         args.iters, args.op_iters, args.warmup, args.min_time = min(args.iters, 3), min(args.op_iters, 3), 1, 0.0
-    if cpu and any(i.startswith("fused-") and i != "fused-reference" for i in args.impls):
+    if cpu and any(i.startswith("fused-") and i not in ("fused-reference", "fused-auto") for i in args.impls):
         sys.exit("fused-triton / fused-cuda need a GPU; on the CPU use fused-reference")
     env = environment(device)
     print(f"device: {env['device']}; torch {env['torch']}, triton {env['triton']}, commit {env['commit']}; "
@@ -580,9 +608,9 @@ def main(argv=None):
     n_impl = 1 + (1 if cpu else len([b for b in ("triton", "cuda") if b in resnet_fused.available_backends()]))
     n_ops = 0 if args.no_ops else (len(layers) * 3 + sum(L.residual for L in layers) * 2) * len(args.dtypes) * n_impl
     progress = tqdm(total=n_models + n_ops, dynamic_ncols=True) if tqdm else _NoBar()
-    model_rows, op_rows = [], []
+    model_rows, op_rows, explains = [], [], []
     if not args.no_models:
-        bench_models(args, device, env, model_rows, progress)
+        bench_models(args, device, env, model_rows, progress, explains)
     if not args.no_ops:
         bench_ops(args, device, env, op_rows, progress)
     progress.close()
@@ -593,28 +621,43 @@ def main(argv=None):
         text += ["## Models", "", model_table(model_rows, baseline), ""]
     if op_rows:
         text += ["## Operators (per ResNet-50 layer: conv_bn_relu; add_relu on the block outputs)", "",
-                 f"measured peaks: {op_rows[0]['peak_tflops']} TFLOP/s, {op_rows[0]['peak_gbps']} GB/s", "",
+                 f"measured peaks: {cell(op_rows[0]['peak_tflops'])} TFLOP/s, {cell(op_rows[0]['peak_gbps'])} GB/s",
+                 "",
                  op_table(op_rows), ""]
+    for name, e in explains:
+        text += [f"## Per-layer choice of fused-auto: {name} (resnet_fused.explain)", "", e.markdown(), ""]
     header = (f"device {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}, "
               f"{env['timestamp']}")
     print("\n" + header + "\n\n" + "\n".join(text))
-    if not args.no_append:
-        append_csv(os.path.join(args.results, "models.csv"), MODEL_COLUMNS, model_rows)
-        append_csv(os.path.join(args.results, "ops.csv"), OP_COLUMNS, op_rows)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        if model_rows:
-            write_csv(os.path.join(args.out, "models.csv"), MODEL_COLUMNS, model_rows)
-        if op_rows:
-            write_csv(os.path.join(args.out, "ops.csv"), OP_COLUMNS, op_rows)
-        with open(os.path.join(args.out, "summary.md"), "w") as f:
-            f.write(f"# Benchmark run\n\n{header}\n\n" + "\n".join(text))
-        for p in plots(args.out, model_rows, op_rows):
-            print("wrote", p)
+    out = args.out or os.path.join(HERE, "out", f"{env['timestamp'].replace(':', '')}-{_slug(env['device'])}")
+    os.makedirs(out, exist_ok=True)
+    if model_rows:
+        write_csv(os.path.join(out, "models.csv"), MODEL_COLUMNS, model_rows)
+    if op_rows:
+        write_csv(os.path.join(out, "ops.csv"), OP_COLUMNS, op_rows)
+    for name, e in explains:
+        e.to_csv(os.path.join(out, f"explain_{name}.csv"))
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(f"# Benchmark run\n\n{header}\n\n" + "\n".join(text))
+    plots(out, model_rows, op_rows)
+    print(f"\nthis run's CSVs, summary and plots: {out}")
+    if args.record:
+        if args.smoke or cpu:
+            print("--record: CPU smoke rows are not recorded in the results CSVs")
+        else:
+            append_csv(os.path.join(args.results, "models.csv"), MODEL_COLUMNS, model_rows)
+            append_csv(os.path.join(args.results, "ops.csv"), OP_COLUMNS, op_rows)
+            print(f"recorded the ok rows in {args.results}")
     failed = [r for r in model_rows + op_rows if r["status"] != "ok"]
     if failed:
         print(f"{len(failed)} implementation(s) failed their correctness check or could not run (see table)")
     return model_rows, op_rows
+
+
+def _slug(s):
+    import re
+
+    return re.sub(r"[^A-Za-z0-9.]+", "-", s).strip("-").lower()
 
 
 class _NoBar:

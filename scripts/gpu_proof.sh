@@ -6,7 +6,8 @@
 # and packed into $OUT/proof.tgz (the device tool brings back at most 8 files).
 #   STAGE=numbers  build, warm Triton's and inductor's caches in parallel, ResNet-50 bf16
 #                  channels_last model benchmarks (eager, eager-cl, compile, fused-triton,
-#                  fused-cuda at batches 1 and 256, infer and train; CUDA-graph variants at b1)
+#                  fused-cuda, fused-auto at batches 1 and 256, infer and train; CUDA-graph
+#                  variants at b1); fused-auto's decisions -> proof/tuning_table.json
 #   STAGE=suite    the per-layer op benchmark (batch 256 bf16), then the CUDA test suite
 #   STAGE=infer    the inference and CUDA-graph rows again (after a fix), then the suite
 #   STAGE=extra    compute-sanitizer (memcheck, racecheck) and the 100-step bf16 curves
@@ -53,7 +54,7 @@ python3 -c "import resnet_fused, json; print(json.dumps(resnet_fused.build_info(
 
 bench() {  # bench NAME SECONDS run.py-args...
   local name=$1 t=$2; shift 2
-  run "$name" "$t" python3 benchmarks/run.py --no-append --out "$P/$name" "$@"
+  run "$name" "$t" python3 benchmarks/run.py --out "$P/$name" "$@"
   grep -E "^\| resnet50|^\| (conv_bn_relu|add_relu)|failed" "$P/$name.log" | head -80
 }
 
@@ -62,7 +63,11 @@ if [ "$STAGE" = numbers ]; then
   pkill -f warm_caches.py 2>/dev/null; pkill -f multiprocessing.spawn 2>/dev/null; tail -3 "$P/warm.log"; grep -A8 FAIL "$P/warm.log" | head -40
   bench m_triton 110 --no-ops --impls fused-triton
   bench m_cuda 60 --no-ops --impls fused-cuda
-  bench m_graph 80 --no-ops --modes infer --batches 1 --impls eager-cl-graph,fused-triton-graph,fused-cuda-graph
+  # fused-auto: the per-layer choice, timed on first use; its decisions (the cache file) are the
+  # tuning table to commit as resnet_fused/tuning/<gpu>.json
+  RESNET_FUSED_CACHE_DIR="$P/cache" bench m_auto 120 --no-ops --impls fused-auto
+  cp "$P"/cache/selection-*.json "$P/tuning_table.json" 2>/dev/null && echo "tuning table: $P/tuning_table.json"
+  bench m_graph 80 --no-ops --modes infer --batches 1 --impls eager-cl-graph,fused-triton-graph,fused-cuda-graph,fused-auto-graph
   bench m_eager 200 --no-ops --impls eager,eager-cl,compile
 fi
 
@@ -88,7 +93,7 @@ if [ "$STAGE" = suite ] || [ "$STAGE" = infer ]; then
   par=""; python3 -c "import xdist" 2>/dev/null && par="-n ${TEST_WORKERS:-12} --dist worksteal"
   # OMP_NUM_THREADS: one CPU thread per worker (14 workers x 16 torch threads made the CPU tests
   # crawl on the GPU machine and left 6 of 440 unfinished in 385 s)
-  OMP_NUM_THREADS=1 RESNET_FUSED_AUTOTUNE=0 RESNET_FUSED_REQUIRE_CUDA_EXT=1 RESNET_FUSED_REQUIRE_TRITON=1 HYPOTHESIS_PROFILE=gpu \
+  OMP_NUM_THREADS=1 RESNET_FUSED_TUNE_BUDGET=0 RESNET_FUSED_AUTOTUNE=0 RESNET_FUSED_REQUIRE_CUDA_EXT=1 RESNET_FUSED_REQUIRE_TRITON=1 HYPOTHESIS_PROFILE=gpu \
     run tests 480 python3 -m pytest -v -rfEs -p no:cacheprovider --timeout=240 --durations=30 $par ${TEST_ARGS:-tests}
   grep -cE " PASSED " "$P/tests.log"; grep -E "passed|failed|error" "$P/tests.log" | tail -3
   grep -E "(FAILED|ERROR) " "$P/tests.log" | head -40

@@ -21,25 +21,42 @@ def _load(path, name):
     return mod
 
 
+def _no_interpreter():
+    # the CPU comparison is eager vs the reference backend; under TRITON_INTERPRET=1 fused-auto
+    # would run ResNet-18 through Triton's interpreter (minutes), which other tests cover
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
 def test_benchmark_smoke_writes_results(tmp_path):
     out, results = tmp_path / "out", tmp_path / "results"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--device", "cpu", "--smoke",
-                        "--batches", "2", "--out", str(out), "--results", str(results)],
-                       capture_output=True, text=True, timeout=600)
+                        "--batches", "2", "--out", str(out), "--results", str(results), "--record"],
+                       capture_output=True, text=True, timeout=600, env=_no_interpreter())
     assert r.returncode == 0, r.stderr[-3000:]
     assert "CPU comparison" in r.stdout and "| resnet18 | infer | fp32 | 2 | fused-reference |" in r.stdout
+    assert f"this run's CSVs, summary and plots: {out}" in r.stdout
+    # CPU smoke rows are never recorded, --record or not
+    assert "CPU smoke rows are not recorded" in r.stdout and not results.exists()
+    # cells with no value (peak memory on the CPU, the measured peaks) print as a dash, never nan
+    assert "nan" not in r.stdout.lower().replace("nanos", "") and "–" in r.stdout
     run = _load("benchmarks/run.py", "rf_bench_run")
-    with open(results / "models.csv") as f:
+    with open(out / "models.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == run.MODEL_COLUMNS
-    assert {r["impl"] for r in rows} == {"eager", "eager-cl", "fused-reference"}
+    assert list(rows[0]) == run.MODEL_COLUMNS + ["status"]
+    assert {r["impl"] for r in rows} == {"eager", "eager-cl", "fused-reference", "fused-auto"}
+    assert all(r["status"] == "ok" for r in rows)
     assert all(float(r["img_per_s"]) > 0 and float(r["ms_p20"]) <= float(r["ms_median"]) <= float(r["ms_p80"])
                for r in rows)
-    with open(results / "ops.csv") as f:
-        assert list(next(csv.DictReader(f))) == run.OP_COLUMNS
+    with open(out / "ops.csv") as f:
+        assert list(next(csv.DictReader(f))) == run.OP_COLUMNS + ["status"]
     for name in ("models.csv", "ops.csv", "summary.md", "throughput.png", "layers.png"):
         assert (out / name).stat().st_size > 0, name
-    # a run's folder (as fetched from a GPU machine) appends to another results folder
+    # fused-auto's per-layer choice: printed and written beside the other outputs
+    with open(out / "explain_resnet18_infer_fp32_b2.csv") as f:
+        ex = list(csv.DictReader(f))
+    assert len(ex) == 20 and ex[0]["layer"] == "conv1" and ex[0]["op"] == "conv_affine_act"
+    assert "## Per-layer choice of fused-auto: resnet18_train_fp32_b2" in r.stdout
+    # a run's folder (as fetched from a GPU machine) appends to a results folder
     other = tmp_path / "other"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--append-from", str(out),
                         "--results", str(other)], capture_output=True, text=True, timeout=300)
@@ -47,6 +64,17 @@ def test_benchmark_smoke_writes_results(tmp_path):
     with open(other / "models.csv") as f:
         again = list(csv.DictReader(f))
     assert list(again[0]) == run.MODEL_COLUMNS and len(again) == len(rows)
+
+
+def test_benchmark_default_output_is_a_fresh_folder(tmp_path, monkeypatch, capsys):
+    run = _load("benchmarks/run.py", "rf_bench_run3")
+    monkeypatch.setattr(run, "HERE", str(tmp_path))
+    run.main(["--device", "cpu", "--smoke", "--batches", "2", "--modes", "infer", "--impls", "eager", "--no-ops"])
+    printed = capsys.readouterr().out
+    (folder,) = os.listdir(tmp_path / "out")
+    assert f"this run's CSVs, summary and plots: {tmp_path / 'out' / folder}" in printed
+    assert sorted(os.listdir(tmp_path / "out" / folder)) == ["models.csv", "summary.md", "throughput.png"]
+    assert not (tmp_path / "results").exists()
 
 
 def test_benchmark_correctness_guard_rejects_a_wrong_implementation():
