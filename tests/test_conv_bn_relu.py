@@ -504,13 +504,36 @@ def test_autotune_pruning_keeps_fitting_tiles():
 
     cfgs = tk._conv_configs()
     tiles = lambda **a: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_C"])  # noqa: E731
-                         for c in tk._prune_configs(cfgs, a)}
-    stem = tiles(Cg=3, Kg=64, M=802816)
-    assert stem and all(bc == 16 and bn <= 64 for _, bn, bc in stem)  # 3 channels: no 32/64-wide channel tiles
-    packed = tiles(Cg=3, Kg=64, M=802816, R=7, S=7, PACKED=True)  # 147-long flattened reduction
-    assert {bc for _, _, bc in packed} == {16, 32}
-    assert len(tiles(Cg=512, Kg=512, M=12544)) == len(cfgs)  # a big GEMM keeps every candidate
-    assert tiles(Cg=4, Kg=4, M=7) == {(32, 32, 16)}  # nothing fits: the smallest config remains
+                         for c in tk._prune_configs(cfgs, dict(dict(R=1, S=1), **a))}
+    # the stem (3 channels padded to 4, packed 7x7x4 = 196-long reduction): 64-wide steps, N = 64
+    assert tiles(Cg=4, Kg=64, M=802816, R=7, S=7, PACKED=True) == {(128, 64, 64), (64, 64, 64)}
+    # a big GEMM keeps every 64-step tile, the 256-wide ones only while they fill a wave
+    big = tiles(Cg=512, Kg=512, M=12544)
+    assert big == {(128, 128, 64), (128, 256, 64), (256, 128, 64), (128, 64, 64), (64, 128, 64), (64, 64, 64)}
+    assert not {t for t in tiles(Cg=512, Kg=512, M=3136) if 256 in t[:2]}  # 13 x 4 tiles of 256: < 132
+    # 24..47 channels per step: 32-wide steps; N no wider than the channels, no narrower than 64
+    assert tiles(Cg=40, Kg=64, M=4096) == {(128, 64, 32), (64, 64, 32)}
+    # the stem's row runs (7 taps x 4 channels = 28 per step): 32-wide steps
+    assert tiles(Cg=4, Kg=64, M=802816, R=7, S=7, PACKED=True, ROWRUN=True) == {(128, 64, 32), (64, 64, 32)}
+    # ResNeXt-like groups (4 channels in, 4 out per group): narrow N tiles, still >= 64 rows (wgmma)
+    assert tiles(Cg=4, Kg=4, M=7) == {(64, 16, 16)}
+    assert tiles(Cg=4, Kg=4, M=50000, R=3, S=3, PACKED=True) == {(64, 16, 32)}
+    # every config any of these keeps has BLOCK_M >= 64 (the smallest wgmma)
+    assert all(c.kwargs["BLOCK_M"] >= 64 for c in cfgs)
+
+
+@pytest.mark.skipif(not _triton.HAS_TRITON, reason="triton not importable")
+def test_fixed_config_and_split_k_rules():
+    from resnet_fused.ops.conv_bn_relu import triton_kernels as tk
+
+    assert tk._fixed_config(256, 3, 3, False, 256, 50176) == dict(BLOCK_M=128, BLOCK_N=128, BLOCK_C=64, num_warps=8,
+                                                                  num_stages=4)
+    assert tk._fixed_config(64, 1, 1, False, 64, 1000)["BLOCK_N"] == 64
+    # split-K only where the output has too few 64x64 tiles for 132 SMs and the reduction is long
+    assert tk._split_k(M=256 * 49, Kg=512, groups=1, nstep=72, sms=132) == 1  # layer4, batch 256
+    assert tk._split_k(M=49, Kg=512, groups=1, nstep=72, sms=132) == 8  # layer4, batch 1: 8 tiles
+    assert tk._split_k(M=196, Kg=1024, groups=1, nstep=4, sms=132) == 1  # a short reduction is not split
+    assert tk._split_k(M=3136, Kg=64, groups=1, nstep=9, sms=132) == 2  # 49 tiles: 2 splits of >= 4 steps
 
 
 @pytest.mark.parametrize("case", [c for c in BACKEND_DEVICE if c.values[0][0] == "triton"])

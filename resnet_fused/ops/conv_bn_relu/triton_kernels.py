@@ -18,7 +18,10 @@ import os
 
 import torch
 
+from ... import _backends
 from ..._triton import interpreting, tl, triton
+
+PATH = "triton_conv"  # dispatch_trace() entry naming the kernel path a call took
 
 # Tiles used under the interpreter (CPU, numpy), no autotuning: small tiles for small problems
 # (so that tests cross tile boundaries in every dimension), large ones otherwise (the
@@ -28,29 +31,75 @@ _INTERP_LARGE = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_C=64)
 _ELEM_BLOCK = 1024
 
 
+def _cfg(bm, bn, bc, warps, stages):
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc), num_warps=warps, num_stages=stages)
+
+
 def _conv_configs():
-    # (BLOCK_M, BLOCK_N, BLOCK_C, warps, stages): large tiles for the big GEMMs, narrow BLOCK_C
-    # for the stem (3 channels) and BLOCK_N 16-32 for grouped convs; pruned per problem below.
-    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc), num_warps=w, num_stages=st)
-            # Six candidates: each costs a compile per kernel specialization on first use (about
-            # 1-2 s), so the space stays small until measurements say which shapes matter.
-            for bm, bn, bc, w, st in [
-                (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4),
-                (128, 64, 16, 4, 4), (32, 32, 16, 4, 2),
-            ]]
+    # Hopper tiles: reduction steps of 64 (128-byte rows: the widest shared-memory swizzle) where
+    # the channels allow, 128x128 / 128x256 / 256x128 output tiles on two warpgroups; 32- and
+    # 16-wide steps and narrow N tiles for few channels (grouped convs, the stem's packed
+    # reduction). _prune_configs keeps the few that fit a problem.
+    return [
+        _cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3),
+        _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 4),
+        _cfg(128, 128, 32, 8, 4), _cfg(128, 64, 32, 4, 4), _cfg(64, 64, 32, 4, 4),
+        _cfg(64, 32, 32, 4, 4), _cfg(64, 16, 32, 4, 4), _cfg(64, 16, 16, 4, 4),
+    ]
+
+
+def _pow2_floor(v):
+    return 1 << (max(int(v), 1).bit_length() - 1)
+
+
+def _step_width(red):
+    """BLOCK_C for a reduction of ``red`` values per step: 64, 32 or 16, the widest whose padding
+    stays under about a third of a step (28 -> 32, 48 -> 64)."""
+    return 64 if red >= 48 else (32 if red >= 24 else 16)
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles much larger than the problem (the stem's 3 channels, grouped convs' few
-    channels per group, small M): they waste the MMA work and the tuning time."""
+    """The configs worth timing for one problem: one reduction step width (64, 32 or 16: the
+    widest the per-step channels fill), output tiles no wider than the channels (and no narrower
+    than 64 when there are 64 or more), no taller than the problem, and 256-wide tiles only where
+    they still make a full wave over 132 SMs (and, in the implicit GEMM, not in training)."""
     args = {**named_args, **kwargs}
-    red = int(args["Cg"]) * (int(args["R"]) * int(args["S"]) if args.get("PACKED") else 1)  # reduction per step
-    cap_c = max(16, triton.next_power_of_2(red))
-    cap_n = max(16, triton.next_power_of_2(int(args["Kg"])))
-    cap_m = max(32, triton.next_power_of_2(int(args["M"])))
-    kept = [c for c in configs if c.kwargs["BLOCK_C"] <= cap_c and c.kwargs["BLOCK_N"] <= cap_n
-            and c.kwargs["BLOCK_M"] <= cap_m]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_C"])]
+    if args.get("ROWRUN"):  # one filter row's (s, c) run per step
+        red = int(args["Cg"]) * int(args["S"])
+    else:
+        red = int(args["Cg"]) * (int(args["R"]) * int(args["S"]) if args.get("PACKED") else 1)  # reduction per step
+    bc = _step_width(red)
+    Kg, M = int(args.get("Kg", args.get("K"))), int(args["M"])
+    cap_n = max(16, triton.next_power_of_2(Kg))
+    min_n = min(64, cap_n)
+    cap_m = max(64, triton.next_power_of_2(M))
+    groups = int(args.get("GROUPS", 1))
+    split = int(args.get("SPLIT_K", 1))
+
+    def tiles(c):
+        return triton.cdiv(M, c.kwargs["BLOCK_M"]) * groups * triton.cdiv(Kg, c.kwargs["BLOCK_N"]) * split
+
+    kept = [c for c in configs if c.kwargs["BLOCK_C"] == bc and min_n <= c.kwargs["BLOCK_N"] <= cap_n
+            and c.kwargs["BLOCK_M"] <= cap_m
+            and (max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) < 256 or tiles(c) >= 132)
+            # the implicit GEMM's statistics epilogue on a 256-wide tile spills (112 B, fp16,
+            # Triton 3.8: scripts/kernel_report.py)
+            and not (args.get("TRAINING") and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 128)]
+    if not kept:
+        kept = [min((c for c in configs if c.kwargs["BLOCK_C"] == bc) or configs,
+                    key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return kept
+
+
+def _fixed_config(Cg, R, S, packed, Kg, M, groups=1, split=1, rowrun=False):
+    """The one configuration used without autotuning (deterministic mode, RESNET_FUSED_AUTOTUNE=0,
+    a spent tuning budget): the first the pruning keeps, from a fixed preference order."""
+    args = dict(Cg=Cg, R=R, S=S, PACKED=packed, Kg=Kg, M=M, GROUPS=groups, SPLIT_K=split, ROWRUN=rowrun)
+    order = [_cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 64, 64, 4, 4), _cfg(128, 128, 32, 8, 4),
+             _cfg(128, 64, 32, 4, 4), _cfg(64, 64, 32, 4, 4), _cfg(64, 32, 32, 4, 4), _cfg(64, 16, 32, 4, 4),
+             _cfg(64, 16, 16, 4, 4)]
+    c = _prune_configs(order, args)[0]
+    return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
 def _quick_bench(fn, quantiles=None, **_):
@@ -86,105 +135,45 @@ def _mma(a, b, acc, F64: tl.constexpr, F32: tl.constexpr, IEEE: tl.constexpr):
     return acc
 
 
-# Loop bounds in these kernels are compile-time constants (Cg, R*S, the finalize's trip
-# count): Triton 3.6's interpreter cannot loop over a runtime scalar under NumPy >= 2.4.
 @triton.jit
-def _conv_fwd_kernel(
-    x_ptr,  # [N, C, H, W] input, any strides (NHWC is the fast layout)
-    w_ptr,  # [K, R, S, Cg] weight, contiguous (channel fastest)
-    out_ptr,  # [M, K] output (eval epilogue)
-    z_ptr,  # [M, K] raw conv output (training, or eval when backward needs it)
-    scale_ptr, shift_ptr,  # [K] folded BatchNorm, accumulator dtype (eval)
-    res_ptr,  # [M, K] residual, NHWC dense (eval, HAS_RES)
-    pmean_ptr, pm2_ptr,  # [cdiv(M, BLOCK_M), K] per-tile mean / M2 (training)
-    C, H, W, K, P, Q, M, Kg,
-    sxn, sxc, sxh, sxw,
-    SH, SW, PH, PW, DH, DW,
-    R: tl.constexpr, S: tl.constexpr,
-    Cg: tl.constexpr,  # input channels per group: a compile-time loop bound (a handful of values per network)
-    PACKED: tl.constexpr,  # reduce over flattened (r, s, c) (few channels per group) instead of per (r, s)
-    TRAINING: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STORE_Z: tl.constexpr,
-    HAS_SCALE: tl.constexpr,  # eval: False when the scale is folded into the weight (shift = bias)
-    IEEE: tl.constexpr,  # fp32 inputs: IEEE fp32 products instead of TF32
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)  # over groups x output-channel tiles of one group
-    tiles_per_group = tl.cdiv(Kg, BLOCK_N)
-    g = pid_n // tiles_per_group
-    offs_kg = (pid_n % tiles_per_group) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_mask = offs_kg < Kg
-    offs_k = g * Kg + offs_kg  # global output channel
-    # int64 row indices: N*P*Q*K may exceed 2^31.
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    q = offs_m % Q
-    t = offs_m // Q
-    p = t % P
-    n = t // P
-    h0 = p * SH - PH
-    w0 = q * SW - PW
-    x_row = x_ptr + n * sxn + (g * Cg).to(tl.int64) * sxc  # [BLOCK_M] pointers at (n, group's first channel)
-    w_col = w_ptr + offs_k.to(tl.int64) * (R * S * Cg)  # [BLOCK_N]
-    offs_c = tl.arange(0, BLOCK_C)
+def _tile_ids(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of a linear tile index in grouped order: GROUP_M row tiles sweep every
+    column tile before the next group starts, so each A (activation) tile is read from DRAM
+    about once and reused from L2 by the column tiles."""
+    in_group = GROUP_M * num_pid_n
+    first_m = (tile // in_group) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % in_group) % size_m
+    pid_n = (tile % in_group) // size_m
+    return pid_m, pid_n
 
-    F64: tl.constexpr = x_ptr.dtype.element_ty == tl.float64
-    F32: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
-    if F64:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if PACKED:
-        # Few channels per group (the stem's 3, ResNeXt's 4): the reduction runs over the
-        # flattened (r, s, c) index, so that each BLOCK_C-wide step is full of real products
-        # instead of mostly channel padding (5x less MMA work for the stem).
-        RSC: tl.constexpr = R * S * Cg
-        for k0 in range(0, RSC, BLOCK_C):
-            kk = k0 + offs_c
-            kk_mask = kk < RSC
-            r = kk // (S * Cg)
-            s = (kk // Cg) % S
-            c = kk % Cg
-            h = h0[:, None] + r[None, :] * DH
-            w = w0[:, None] + s[None, :] * DW
-            valid = m_mask[:, None] & kk_mask[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            a = tl.load(x_row[:, None] + h * sxh + w * sxw + c[None, :].to(tl.int64) * sxc, mask=valid, other=0.0)
-            b = tl.load(w_col[None, :] + kk[:, None], mask=kk_mask[:, None] & k_mask[None, :], other=0.0)
-            acc = _mma(a, b, acc, F64, F32, IEEE)
-    else:
-        for rs in range(0, R * S):
-            r = rs // S
-            s = rs % S
-            h = h0 + r * DH
-            w = w0 + s * DW
-            valid = m_mask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            a_row = x_row + h * sxh + w * sxw
-            b_col = w_col + rs * Cg
-            for c0 in range(0, Cg, BLOCK_C):
-                cc = c0 + offs_c
-                c_mask = cc < Cg
-                a = tl.load(a_row[:, None] + cc[None, :].to(tl.int64) * sxc, mask=valid[:, None] & c_mask[None, :],
-                            other=0.0)
-                b = tl.load(b_col[None, :] + cc[:, None], mask=c_mask[:, None] & k_mask[None, :], other=0.0)
-                acc = _mma(a, b, acc, F64, F32, IEEE)
 
+@triton.jit
+def _epilogue(acc, offs_m, offs_k, m_mask, k_mask, stat_row, M, K, act_ptr, out_ptr, z_ptr, scale_ptr, shift_ptr,
+              res_ptr, pmean_ptr, pm2_ptr, TRAINING: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+              STORE_Z: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The fused epilogue of one [BLOCK_M, BLOCK_N] output tile (rows offs_m of the [M, K]
+    output): eval applies (scale,) shift, residual and ReLU; training stores z and the tile's
+    per-channel (mean, M2) as statistics partial ``stat_row``."""
+    F64: tl.constexpr = act_ptr.dtype.element_ty == tl.float64
+    F32: tl.constexpr = act_ptr.dtype.element_ty == tl.float32
     if not F64 and not F32:
         # fp16 / bf16: round the conv output to the activation dtype first, as PyTorch's conv
         # does before the BatchNorm sees it; overflow to inf behaves as in eager, and the
         # batch statistics describe exactly the stored z.
-        acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+        acc = acc.to(act_ptr.dtype.element_ty).to(tl.float32)
     mk = offs_m[:, None] * K + offs_k[None, :]
     mask = m_mask[:, None] & k_mask[None, :]
     if STORE_Z:
         tl.store(z_ptr + mk, acc.to(z_ptr.dtype.element_ty), mask=mask)
     if TRAINING:
         # This tile's statistics of the conv output: count, mean, M2.
-        cnt = tl.minimum(M - pid_m.to(tl.int64) * BLOCK_M, BLOCK_M).to(acc.dtype)
+        cnt = tl.minimum(M - stat_row.to(tl.int64) * BLOCK_M, BLOCK_M).to(acc.dtype)
         accm = tl.where(m_mask[:, None], acc, 0.0)
         mean = tl.sum(accm, axis=0) / cnt
         d = tl.where(m_mask[:, None], acc - mean[None, :], 0.0)
         m2 = tl.sum(d * d, axis=0)
-        pidx = pid_m.to(tl.int64) * K + offs_k
+        pidx = stat_row.to(tl.int64) * K + offs_k
         tl.store(pmean_ptr + pidx, mean, mask=k_mask)
         tl.store(pm2_ptr + pidx, m2, mask=k_mask)
     else:
@@ -201,28 +190,306 @@ def _conv_fwd_kernel(
         tl.store(out_ptr + mk, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# Loop bounds in these kernels are compile-time constants (Cg, R*S, the finalize's trip
+# count): Triton 3.6's interpreter cannot loop over a runtime scalar under NumPy >= 2.4.
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr,  # [N, C, H, W] input, any strides (NHWC is the fast layout)
+    w_ptr,  # [K, R, S, Cg] weight, contiguous (channel fastest)
+    out_ptr,  # [M, K] output (eval epilogue)
+    z_ptr,  # [M, K] raw conv output (training, or eval when backward needs it)
+    scale_ptr, shift_ptr,  # [K] folded BatchNorm, accumulator dtype (eval)
+    res_ptr,  # [M, K] residual, NHWC dense (eval, HAS_RES)
+    pmean_ptr, pm2_ptr,  # [cdiv(M, BLOCK_M), K] per-tile mean / M2 (training)
+    ws_ptr,  # [SPLIT_K, M, K] float32 partial sums (SPLIT_K > 1: the reduce kernel runs the epilogue)
+    C, H, W, K, P, Q, M, Kg,
+    sxn, sxc, sxh, sxw,
+    SH, SW, PH, PW, DH, DW,
+    R: tl.constexpr, S: tl.constexpr,
+    Cg: tl.constexpr,  # input channels per group: a compile-time loop bound (a handful of values per network)
+    GROUPS: tl.constexpr,
+    PACKED: tl.constexpr,  # reduce over flattened (r, s, c) (few channels per group) instead of per (r, s)
+    ROWRUN: tl.constexpr,  # PACKED, groups 1, NHWC-dense x with C == Cg: (s, c) of one filter row is one run
+    PAD: tl.constexpr,  # padding > 0: taps can fall outside the input (masks); else only the row mask
+    SPLIT_K: tl.constexpr,  # > 1: this program sums 1/SPLIT_K of the reduction into ws_ptr
+    IDX64: tl.constexpr,  # 64-bit row and address arithmetic (more than 2^31 elements somewhere)
+    TRAINING: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STORE_Z: tl.constexpr,
+    HAS_SCALE: tl.constexpr,  # eval: False when the scale is folded into the weight (shift = bias)
+    IEEE: tl.constexpr,  # fp32 inputs: IEEE fp32 products instead of TF32
+    GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Implicit-GEMM convolution: one flattened, software-pipelined loop over (r, s, channel
+    block), so that the loads of the next tap are in flight while this one multiplies (one
+    pipeline drain per output tile, at its end)."""
+    tiles_per_group = tl.cdiv(Kg, BLOCK_N)
+    pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), GROUPS * tiles_per_group, GROUP_M)
+    g = pid_n // tiles_per_group
+    offs_kg = (pid_n % tiles_per_group) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_mask = offs_kg < Kg
+    offs_k = g * Kg + offs_kg  # global output channel
+    if IDX64:
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    else:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    q = offs_m % Q
+    t = offs_m // Q
+    p = t % P
+    n = t // P
+    h0 = p * SH - PH
+    w0 = q * SW - PW
+    x_row = x_ptr + n * sxn + g * Cg * sxc  # [BLOCK_M] pointers at (n, group's first channel)
+    w_col = w_ptr + offs_k * (R * S * Cg)  # [BLOCK_N]
+    offs_c = tl.arange(0, BLOCK_C)
+
+    F64: tl.constexpr = x_ptr.dtype.element_ty == tl.float64
+    F32: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
+    if F64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if ROWRUN:
+        # The stem: in NHWC-dense memory with C == Cg channels, the S*Cg values (s, c) of one
+        # filter row r at one output pixel are contiguous: each step loads a run of BLOCK_C of
+        # them (vector loads, asynchronous copies), R x cdiv(S*Cg, BLOCK_C) steps.
+        SC: tl.constexpr = S * Cg
+        NJB: tl.constexpr = (SC + BLOCK_C - 1) // BLOCK_C
+        NSTEP: tl.constexpr = R * NJB
+    elif PACKED:
+        # Few channels per group (ResNeXt's 4): the reduction runs over the flattened (r, s, c)
+        # index, so that each BLOCK_C-wide step is full of real products instead of mostly
+        # channel padding.
+        RSC: tl.constexpr = R * S * Cg
+        NSTEP: tl.constexpr = (RSC + BLOCK_C - 1) // BLOCK_C
+    else:
+        NCB: tl.constexpr = (Cg + BLOCK_C - 1) // BLOCK_C
+        NSTEP: tl.constexpr = R * S * NCB
+    ITERS: tl.constexpr = (NSTEP + SPLIT_K - 1) // SPLIT_K
+    step0 = tl.program_id(1) * ITERS
+    for i in range(ITERS):
+        kk = step0 + i
+        if ROWRUN:
+            r = kk // NJB
+            j = (kk - r * NJB) * BLOCK_C + offs_c  # (s, c) flattened: s = j // Cg
+            h = h0 + r * DH
+            j_mask = j < SC
+            amask = m_mask[:, None] & j_mask[None, :]
+            if NSTEP % SPLIT_K != 0:
+                amask &= kk < NSTEP
+            if PAD:
+                wj = w0[:, None] + (j // Cg)[None, :] * DW
+                amask &= ((h >= 0) & (h < H))[:, None] & (wj >= 0) & (wj < W)
+            # w0 * Cg + j == (w0 + s) * Cg + c: the run starts at a multiple of Cg elements
+            a = tl.load((x_row + h * sxh)[:, None] + (w0 * Cg)[:, None] + j[None, :], mask=amask, other=0.0)
+            bmask = j_mask[:, None] & k_mask[None, :]
+            if NSTEP % SPLIT_K != 0:
+                bmask &= kk < NSTEP
+            b = tl.load(w_col[None, :] + (r * SC + j)[:, None], mask=bmask, other=0.0)
+        elif PACKED:
+            rsc = kk * BLOCK_C + offs_c
+            rsc_mask = rsc < RSC
+            r = rsc // (S * Cg)
+            s = (rsc // Cg) % S
+            c = rsc % Cg
+            h = h0[:, None] + r[None, :] * DH
+            w = w0[:, None] + s[None, :] * DW
+            amask = m_mask[:, None] & rsc_mask[None, :]
+            if PAD:
+                amask &= (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            a = tl.load(x_row[:, None] + h * sxh + w * sxw + c[None, :] * sxc, mask=amask, other=0.0)
+            b = tl.load(w_col[None, :] + rsc[:, None], mask=rsc_mask[:, None] & k_mask[None, :], other=0.0)
+        else:
+            rs = kk // NCB
+            cc = (kk - rs * NCB) * BLOCK_C + offs_c
+            r = rs // S
+            s = rs - r * S
+            h = h0 + r * DH
+            w = w0 + s * DW
+            rowm = m_mask
+            if PAD:
+                rowm &= (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            amask = rowm[:, None]
+            bmask = k_mask[None, :]
+            if Cg % BLOCK_C != 0:
+                amask &= cc[None, :] < Cg
+                bmask &= cc[:, None] < Cg
+            if NSTEP % SPLIT_K != 0:
+                inr = kk < NSTEP  # the last split's tail
+                amask &= inr
+                bmask &= inr
+            a = tl.load(x_row[:, None] + (h * sxh + w * sxw)[:, None] + cc[None, :] * sxc, mask=amask, other=0.0)
+            b = tl.load(w_col[None, :] + (rs * Cg + cc)[:, None], mask=bmask, other=0.0)
+        acc = _mma(a, b, acc, F64, F32, IEEE)
+
+    if SPLIT_K > 1:
+        # partial sums, fixed slot per split: the reduce kernel adds them in split order
+        mk = offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
+        tl.store(ws_ptr + tl.program_id(1).to(tl.int64) * M * K + mk, acc, mask=m_mask[:, None] & k_mask[None, :])
+    else:
+        _epilogue(acc, offs_m, offs_k, m_mask, k_mask, pid_m, M, K, x_ptr, out_ptr, z_ptr, scale_ptr, shift_ptr,
+                  res_ptr, pmean_ptr, pm2_ptr, TRAINING, HAS_RES, RELU, STORE_Z, HAS_SCALE, BLOCK_M)
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    ws_ptr, act_ptr, out_ptr, z_ptr, scale_ptr, shift_ptr, res_ptr, pmean_ptr, pm2_ptr, M, K,
+    SPLIT_K: tl.constexpr, TRAINING: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    STORE_Z: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Split-K: the SPLIT_K partial sums of one output tile added in a fixed order (no atomics:
+    deterministic), then the same epilogue as the unsplit kernel."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    k_mask = offs_k < K
+    mask = m_mask[:, None] & k_mask[None, :]
+    mk = offs_m[:, None] * K + offs_k[None, :]
+    acc = tl.load(ws_ptr + mk, mask=mask, other=0.0)
+    for sp in range(1, SPLIT_K):
+        acc += tl.load(ws_ptr + sp * M * K + mk, mask=mask, other=0.0)
+    _epilogue(acc, offs_m, offs_k, m_mask, k_mask, pid_m, M, K, act_ptr, out_ptr, z_ptr, scale_ptr, shift_ptr,
+              res_ptr, pmean_ptr, pm2_ptr, TRAINING, HAS_RES, RELU, STORE_Z, HAS_SCALE, BLOCK_M)
+
+
+@triton.jit
+def _conv1x1_kernel(
+    a_desc,  # TMA descriptor of the input as a dense [M, C] matrix (1x1, stride 1, NHWC)
+    b_desc,  # TMA descriptor of the weight as [K, C]
+    act_ptr, out_ptr, z_ptr, scale_ptr, shift_ptr, res_ptr, pmean_ptr, pm2_ptr,
+    M, K, C, NUM_PROGS,  # (C: the autotuner's key and pruning)
+    NCB: tl.constexpr,  # reduction steps: cdiv(C, BLOCK_C)
+    PERSISTENT: tl.constexpr,  # one program per SM looping over tiles (else one tile per program)
+    IDX64: tl.constexpr,
+    TRAINING: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STORE_Z: tl.constexpr,
+    HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """A 1x1 stride-1 convolution is a dense GEMM of the NHWC input [M, C] with the weight
+    [K, C]^T: tiles come in through TMA (out-of-range rows and channels read as zeros), and in
+    the persistent form the tile loop and the reduction loop are flattened into one pipelined
+    loop, so that the next tile's loads are issued while this tile's epilogue runs."""
+    F32: tl.constexpr = act_ptr.dtype.element_ty == tl.float32
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(K, BLOCK_N)
+    if PERSISTENT:
+        for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS, flatten=True):
+            _conv1x1_tile(tile, a_desc, b_desc, act_ptr, out_ptr, z_ptr, scale_ptr, shift_ptr, res_ptr, pmean_ptr,
+                          pm2_ptr, M, K, num_pid_m, num_pid_n, NCB, IDX64, F32, TRAINING, HAS_RES, RELU, STORE_Z,
+                          HAS_SCALE, IEEE, GROUP_M, BLOCK_M, BLOCK_N, BLOCK_C)
+    else:
+        _conv1x1_tile(tl.program_id(0), a_desc, b_desc, act_ptr, out_ptr, z_ptr, scale_ptr, shift_ptr, res_ptr,
+                      pmean_ptr, pm2_ptr, M, K, num_pid_m, num_pid_n, NCB, IDX64, F32, TRAINING, HAS_RES, RELU,
+                      STORE_Z, HAS_SCALE, IEEE, GROUP_M, BLOCK_M, BLOCK_N, BLOCK_C)
+
+
+@triton.jit
+def _conv1x1_tile(tile, a_desc, b_desc, act_ptr, out_ptr, z_ptr, scale_ptr, shift_ptr, res_ptr, pmean_ptr, pm2_ptr,
+                  M, K, num_pid_m, num_pid_n, NCB: tl.constexpr, IDX64: tl.constexpr, F32: tl.constexpr,
+                  TRAINING: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STORE_Z: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_m, pid_n = _tile_ids(tile, num_pid_m, num_pid_n, GROUP_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(NCB):
+        a = a_desc.load([pid_m * BLOCK_M, kb * BLOCK_C])
+        b = b_desc.load([pid_n * BLOCK_N, kb * BLOCK_C])
+        acc = _mma(a, b.T, acc, False, F32, IEEE)
+    if IDX64:
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    else:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    _epilogue(acc, offs_m, offs_k, offs_m < M, offs_k < K, pid_m, M, K, act_ptr, out_ptr, z_ptr, scale_ptr,
+              shift_ptr, res_ptr, pmean_ptr, pm2_ptr, TRAINING, HAS_RES, RELU, STORE_Z, HAS_SCALE, BLOCK_M)
+
+
+def _conv1x1_configs():
+    return [_cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4),
+            _cfg(64, 128, 64, 4, 4), _cfg(128, 128, 32, 8, 4), _cfg(128, 64, 32, 4, 4)]
+
+
+def _set_block_shapes(nargs):
+    # the descriptors' boxes follow the config being run (autotuner pre-hook)
+    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_C"]]
+    nargs["b_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_C"]]
+
+
+_GROUP_M = 8
+_MIN_BLOCK_M = 16  # smallest BLOCK_M among the configs above and the interpreter's
+_SPLIT_BLOCK = 64  # the split-K reduce kernel's tile (its statistics partials cover 64 rows)
+
+
+def _with_hook(cfgs, hook):
+    for c in cfgs:
+        c.pre_hook = hook
+    return cfgs
+
+
 _conv_fwd_tuned = triton.autotune(
     configs=_conv_configs(),
     prune_configs_by={"early_config_prune": _prune_configs},
     do_bench=_quick_bench,
     # Each config rewrites every output it owns (the statistics buffers are sized for the
-    # smallest BLOCK_M), so benchmarking configs on the live buffers is harmless.
-    key=["M", "K", "C", "Cg", "H", "W", "P", "Q", "SH", "SW", "PH", "PW", "DH", "DW", "R", "S", "sxc", "TRAINING",
-         "HAS_RES", "RELU", "STORE_Z", "HAS_SCALE", "IEEE"],
+    # smallest BLOCK_M, the split-K workspace is written whole by every split), so benchmarking
+    # configs on the live buffers is harmless.
+    key=["M", "K", "C", "Cg", "H", "W", "P", "Q", "SH", "SW", "PH", "PW", "DH", "DW", "R", "S", "sxc", "GROUPS",
+         "SPLIT_K", "ROWRUN", "TRAINING", "HAS_RES", "RELU", "STORE_Z", "HAS_SCALE", "IEEE"],
 )(_conv_fwd_kernel)
 
-_MIN_BLOCK_M = 16  # smallest BLOCK_M among the configs above and the interpreter's
-# One fixed configuration: under torch.use_deterministic_algorithms (autotuning picks by timing,
-# so two processes could group the statistics differently) and with RESNET_FUSED_AUTOTUNE=0
-# (no tuning time, e.g. for test suites).
-_FIXED = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_C=32, num_warps=4, num_stages=3)
+
+def _prune_1x1_configs(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    return _prune_configs(configs, dict(Cg=args["C"], R=1, S=1, PACKED=False, Kg=args["K"], M=args["M"]))
+
+
+_conv1x1_tuned = triton.autotune(
+    configs=_with_hook(_conv1x1_configs(), _set_block_shapes),
+    prune_configs_by={"early_config_prune": _prune_1x1_configs},
+    do_bench=_quick_bench,
+    key=["M", "K", "C", "NCB", "TRAINING", "HAS_RES", "RELU", "STORE_Z", "HAS_SCALE", "IEEE", "PERSISTENT"],
+)(_conv1x1_kernel)
+
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
+_SMS: dict = {}
+
+
+def _num_sms(device):
+    if device.type != "cuda":  # the interpreter's pretend GPU; meta tensors (the static report): an H100
+        return 132 if device.type == "meta" else 4
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SMS:
+        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SMS[i]
+
+
+def _persistent_ok():
+    # Triton 3.6's interpreter cannot run a loop with runtime bounds (NumPy >= 2.4); 3.8's can.
+    if not interpreting():
+        return True
+    major, minor = (int(v) for v in triton.__version__.split(".")[:2])
+    return (major, minor) >= (3, 7)
+
+
+def _split_k(M, Kg, groups, nstep, sms):
+    """Split the reduction when the output has too few tiles to fill the GPU (small batches,
+    layer 4): 2-8 splits, each at least 4 reduction steps; 1 otherwise."""
+    tiles = triton.cdiv(M, 64) * groups * triton.cdiv(Kg, 64)
+    if tiles >= sms or nstep < 8:
+        return 1
+    return max(1, min(8, _pow2_floor(2 * sms // max(tiles, 1)), _pow2_floor(nstep // 4)))
 
 
 _tuned: set = set()  # the autotuner's keys (and dtypes) already tuned in this process
 
 
 def _use_fixed_config(x, w, M, K, C, H, W, P, Q, stride, padding, dilation, training, residual, relu, store_z,
-                      has_scale, ieee) -> bool:
+                      has_scale, ieee, path="generic") -> bool:
     """The fixed tile configuration instead of autotuning: deterministic mode, with
     RESNET_FUSED_AUTOTUNE=0, and for problems not yet tuned once the tuning budget shared with
     the backend selection is spent (or while a CUDA graph is captured)."""
@@ -230,7 +497,7 @@ def _use_fixed_config(x, w, M, K, C, H, W, P, Q, stride, padding, dilation, trai
         return True
     from ... import _select
 
-    key = (M, K, C, w.shape[3], H, W, P, Q, *stride, *padding, *dilation, w.shape[1], w.shape[2], x.stride(1),
+    key = (path, M, K, C, w.shape[3], H, W, P, Q, *stride, *padding, *dilation, w.shape[1], w.shape[2], x.stride(1),
            training, residual is not None, relu, store_z, has_scale, ieee, x.dtype)
     if key in _tuned:
         return False
@@ -240,9 +507,14 @@ def _use_fixed_config(x, w, M, K, C, H, W, P, Q, stride, padding, dilation, trai
     return False
 
 
+def _max_offset(t):
+    return sum((d - 1) * st for d, st in zip(t.shape, t.stride()) if d > 0) + 1
+
+
 def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training, scale=None, shift=None,
              residual=None, relu=True, store_z=False, ieee=True):
-    """Launch the implicit-GEMM conv with its fused epilogue.
+    """Launch the convolution with its fused epilogue: the TMA GEMM for dense 1x1 stride-1
+    convs, else the implicit GEMM (with split-K when the output is too small to fill the GPU).
 
     Args:
         x: [N, C, H, W] input (any strides).
@@ -264,43 +536,120 @@ def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training,
     out = torch.empty((N, K, P, Q), device=dev, dtype=dt, memory_format=cl) if not training else None
     z = torch.empty((N, K, P, Q), device=dev, dtype=dt, memory_format=cl) if (training or store_z) else None
     interp = interpreting()
-    if interp or dt == torch.float64:
-        small = M * K <= 64 * 64 * 4 and Cg <= 64
-        kernel, cfg = _conv_fwd_kernel, dict(_INTERP_SMALL if small else _INTERP_LARGE)
-        if dt == torch.float64 and not interp:
-            cfg.update(BLOCK_M=32, BLOCK_N=32, BLOCK_C=8)
-        block_m = cfg["BLOCK_M"]
-    elif _use_fixed_config(x, w_krsc, M, K, C, H, W, P, Q, stride, padding, dilation, training, residual, relu,
-                           z is not None, scale is not None, ieee):
-        kernel, cfg = _conv_fwd_kernel, dict(_FIXED)
-        block_m = cfg["BLOCK_M"]
-    else:
-        kernel, cfg, block_m = _conv_fwd_tuned, {}, None
-    pm = pm2 = None
-    if training:
-        # Sized for the smallest BLOCK_M; the launch below reports the BLOCK_M it used.
-        g_max = triton.cdiv(M, block_m or _MIN_BLOCK_M)
-        pm = torch.empty((g_max, K), device=dev, dtype=acc_dt)
-        pm2 = torch.empty((g_max, K), device=dev, dtype=acc_dt)
     if M == 0:
-        return out, z, pm, pm2, block_m or _MIN_BLOCK_M
+        pm = torch.empty((0, K), device=dev, dtype=acc_dt) if training else None
+        return out, z, pm, (pm.clone() if training else None), _MIN_BLOCK_M
     if groups * triton.cdiv(Kg, 16) > 65535:
         raise ValueError(f"conv_bn_relu (triton): {groups} groups x {Kg} channels exceed the launch grid")
+    padded = False
+    if groups == 1 and Cg < 16 and Cg % 4:
+        # The stem (3 channels): pad the input and weight channels to a multiple of 4 in one
+        # cheap pass, so that the packed (r, s, c) gather loads 4 channels at a time.
+        Cp = -(-Cg // 4) * 4
+        xp = torch.zeros((N, Cp, H, W), device=dev, dtype=dt).to(memory_format=cl)
+        xp[:, :C] = x
+        wp = torch.zeros((K, R, S, Cp), device=dev, dtype=dt)
+        wp[..., :Cg] = w_krsc
+        x, w_krsc, C, Cg = xp, wp, Cp, Cp
+        padded = True
+    flags = dict(TRAINING=training, HAS_RES=residual is not None, RELU=relu, STORE_Z=z is not None,
+                 HAS_SCALE=scale is not None, IEEE=ieee)
     dummy = x  # never dereferenced when its flag is off
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), groups * triton.cdiv(Kg, meta["BLOCK_N"]))
+    idx64 = max(_max_offset(x), M * K) >= 2 ** 31
+    packed = Cg < 16
+    tensors = dict(out=out if out is not None else dummy, z=z if z is not None else dummy,
+                   scale=scale if scale is not None else dummy, shift=shift if shift is not None else dummy,
+                   res=residual if residual is not None else dummy)
+    fixed = interp or dt == torch.float64 or _use_fixed_config(
+        x, w_krsc, M, K, C, H, W, P, Q, stride, padding, dilation, training, residual, relu, z is not None,
+        scale is not None, ieee)
+
+    # --- dense 1x1 stride-1: the TMA GEMM ---------------------------------------------------
+    elem = x.element_size()
+    if (TensorDescriptor is not None and R == 1 and S == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+            and groups == 1 and dt != torch.float64 and x.is_contiguous(memory_format=cl)
+            and (C * elem) % 16 == 0 and x.data_ptr() % 16 == 0 and w_krsc.data_ptr() % 16 == 0
+            and _split_k(M, Kg, 1, triton.cdiv(C, 64), _num_sms(dev)) == 1):
+        a2 = x.permute(0, 2, 3, 1).reshape(M, C)  # a view: NHWC-dense
+        b2 = w_krsc.reshape(K, C)
+        bc = _step_width(C)  # the step width _prune_configs keeps
+        if interp:
+            cfg = dict(_INTERP_SMALL if M * K <= 64 * 64 * 4 and C <= 64 else _INTERP_LARGE)
+            bc = cfg["BLOCK_C"]
+        elif fixed:
+            cfg = _fixed_config(C, 1, 1, False, K, M)
+        else:
+            cfg = None
+        a_desc = TensorDescriptor(a2, [M, C], [C, 1], [cfg["BLOCK_M"] if cfg else 64, bc])
+        b_desc = TensorDescriptor(b2, [K, C], [C, 1], [cfg["BLOCK_N"] if cfg else 64, bc])
+        persistent = _persistent_ok()
+        nprog = _num_sms(dev)  # one program per SM (a 128x128 tile's pipeline fills most of one)
+        pm = pm2 = None
+        if training:
+            pm = torch.empty((triton.cdiv(M, cfg["BLOCK_M"] if cfg else 64), K), device=dev, dtype=acc_dt)
+            pm2 = torch.empty_like(pm)
+
+        def grid(meta):
+            tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"])
+            return (min(tiles, nprog) if persistent else tiles,)
+
+        kernel = _conv1x1_kernel if cfg else _conv1x1_tuned
+        _backends.note(PATH, "tma-1x1" + ("-persistent" if persistent else ""))
+        kernel[grid](
+            a_desc, b_desc, x, tensors["out"], tensors["z"], tensors["scale"], tensors["shift"], tensors["res"],
+            pm if pm is not None else dummy, pm2 if pm2 is not None else dummy, M, K, C, nprog,
+            NCB=triton.cdiv(C, bc), PERSISTENT=persistent, IDX64=idx64, GROUP_M=_GROUP_M, **flags, **(cfg or {}))
+        block_m = cfg["BLOCK_M"] if cfg else _conv1x1_tuned.best_config.kwargs["BLOCK_M"]
+        if training:
+            g = triton.cdiv(M, block_m)
+            pm, pm2 = pm[:g], pm2[:g]
+        return out, z, pm, pm2, block_m
+
+    # --- the implicit GEMM ------------------------------------------------------------------
+    rowrun = packed and groups == 1 and C == Cg and dilation[1] == 1 and x.is_contiguous(memory_format=cl)
+    nstep_nominal = R * S * triton.cdiv(Cg, 64) if not packed else triton.cdiv(R * S * Cg, 16)
+    # (under the interpreter too: its "GPU" has 4 SMs, so the small test problems split)
+    split = 1 if dt == torch.float64 else _split_k(M, Kg, groups, nstep_nominal, _num_sms(dev))
+    if interp or dt == torch.float64:
+        small = M * K <= 64 * 64 * 4 and Cg <= 64
+        cfg = dict(_INTERP_SMALL if small else _INTERP_LARGE)
+        if dt == torch.float64 and not interp:
+            cfg.update(BLOCK_M=32, BLOCK_N=32, BLOCK_C=8)
+        kernel = _conv_fwd_kernel
+    elif fixed:
+        kernel, cfg = _conv_fwd_kernel, _fixed_config(Cg, R, S, packed, Kg, M, groups, split, rowrun)
+    else:
+        kernel, cfg = _conv_fwd_tuned, {}
+    ws = torch.empty((split, M, K), device=dev, dtype=torch.float32) if split > 1 else dummy
+    pm = pm2 = None
+    if training:
+        # Sized for the smallest BLOCK_M (split-K: the reduce kernel's tile); the launch below
+        # reports the BLOCK_M it used.
+        rows0 = _SPLIT_BLOCK if split > 1 else cfg.get("BLOCK_M", _MIN_BLOCK_M) if cfg else _MIN_BLOCK_M
+        pm = torch.empty((triton.cdiv(M, rows0), K), device=dev, dtype=acc_dt)
+        pm2 = torch.empty_like(pm)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * groups * triton.cdiv(Kg, meta["BLOCK_N"]), split)  # noqa: E731
+    _backends.note(PATH, ("implicit-rowrun" if rowrun else "implicit-packed" if packed else "implicit") + (f"-split{split}" if split > 1 else "")
+                   + ("-padded-channels" if padded else ""))
     kernel[grid](
-        x, w_krsc,
-        out if out is not None else dummy, z if z is not None else dummy,
-        scale if scale is not None else dummy, shift if shift is not None else dummy,
-        residual if residual is not None else dummy,
-        pm if pm is not None else dummy, pm2 if pm2 is not None else dummy,
+        x, w_krsc, tensors["out"], tensors["z"], tensors["scale"], tensors["shift"], tensors["res"],
+        pm if pm is not None and split == 1 else dummy, pm2 if pm2 is not None and split == 1 else dummy, ws,
         C, H, W, K, P, Q, M, Kg,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        R=R, S=S, Cg=Cg, PACKED=Cg < 16, TRAINING=training, HAS_RES=residual is not None, RELU=relu, STORE_Z=z is not None,
-        HAS_SCALE=scale is not None, IEEE=ieee, **cfg,
+        R=R, S=S, Cg=Cg, GROUPS=groups, PACKED=packed, ROWRUN=rowrun, PAD=tuple(padding) != (0, 0), SPLIT_K=split, IDX64=idx64,
+        GROUP_M=_GROUP_M, **flags, **cfg,
     )
-    if block_m is None:
+    if split > 1:
+        _splitk_reduce_kernel[(triton.cdiv(M, _SPLIT_BLOCK), triton.cdiv(K, _SPLIT_BLOCK))](
+            ws, x, tensors["out"], tensors["z"], tensors["scale"], tensors["shift"], tensors["res"],
+            pm if pm is not None else dummy, pm2 if pm2 is not None else dummy, M, K, SPLIT_K=split,
+            **{k: v for k, v in flags.items() if k != "IEEE"}, BLOCK_M=_SPLIT_BLOCK, BLOCK_N=_SPLIT_BLOCK,
+            num_warps=4)
+        block_m = _SPLIT_BLOCK
+    elif cfg:
+        block_m = cfg["BLOCK_M"]
+    else:
         block_m = _conv_fwd_tuned.best_config.kwargs["BLOCK_M"]
     if training:
         g = triton.cdiv(M, block_m)
