@@ -47,8 +47,6 @@ def main():
 
     cfgs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_C"], c.num_warps, c.num_stages)
             for c in tk._conv_configs()]
-    fixed = tk._FIXED
-    cfgs.append((fixed["BLOCK_M"], fixed["BLOCK_N"], fixed["BLOCK_C"], fixed["num_warps"], fixed["num_stages"]))
     for dt in ["fp32", "fp16", "bf16", "fp64"]:
         acc = "fp64" if dt == "fp64" else "fp32"
         variants = [(32, 32, 8, 4, 3)] if dt == "fp64" else (cfgs[:1] + cfgs[-1:] if args.quick else cfgs)
@@ -56,18 +54,41 @@ def main():
             for bm, bn, bc, w, st in variants:
                 for ieee in ([True, False] if dt == "fp32" else [True]):
                     sig = dict(x_ptr="*" + dt, w_ptr="*" + dt, out_ptr="*" + dt, z_ptr="*" + dt, scale_ptr="*" + acc,
-                               shift_ptr="*" + acc, res_ptr="*" + dt, pmean_ptr="*" + acc, pm2_ptr="*" + acc)
+                               shift_ptr="*" + acc, res_ptr="*" + dt, pmean_ptr="*" + acc, pm2_ptr="*" + acc,
+                               ws_ptr="*" + acc)
                     for n in "C H W K P Q Kg sxn sxc sxh sxw SH SW PH PW DH DW".split():
                         sig[n] = "i32"
                     sig["M"] = "i64"
-                    consts = dict(R=3, S=3, Cg=64, PACKED=False, TRAINING=training, HAS_RES=not training, RELU=True,
-                                  STORE_Z=True, HAS_SCALE=True, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc)
-                    comp(tk._conv_fwd_kernel, sig, consts, dict(num_warps=w, num_stages=st),
-                         tag=f"conv {dt} {'train' if training else 'eval'} tile={bm}x{bn}x{bc} w{w} s{st} ieee={ieee}")
-                    if (bm, bn, bc, w, st) == variants[0]:  # the packed reduction (stem: 7x7, 3 channels)
-                        consts.update(R=7, S=7, Cg=3, PACKED=True)
+                    tags = [("conv", dict(R=3, S=3, Cg=64, PACKED=False, ROWRUN=False, PAD=True, SPLIT_K=1)),
+                            ("conv-splitk", dict(R=3, S=3, Cg=64, PACKED=False, ROWRUN=False, PAD=True, SPLIT_K=4))]
+                    if (bm, bn, bc, w, st) == variants[0]:  # the packed reductions (stem: 7x7, 4 channels)
+                        tags += [("conv-packed", dict(R=7, S=7, Cg=3, PACKED=True, ROWRUN=False, PAD=True, SPLIT_K=1)),
+                                 ("conv-rowrun", dict(R=7, S=7, Cg=4, PACKED=True, ROWRUN=True, PAD=True, SPLIT_K=1))]
+                    for name, geo in tags:
+                        consts = dict(geo, GROUPS=1, IDX64=True, TRAINING=training, HAS_RES=not training, RELU=True,
+                                      STORE_Z=True, HAS_SCALE=True, IEEE=ieee, GROUP_M=8, BLOCK_M=bm, BLOCK_N=bn,
+                                      BLOCK_C=bc)
                         comp(tk._conv_fwd_kernel, sig, consts, dict(num_warps=w, num_stages=st),
-                             tag=f"conv-packed {dt} {'train' if training else 'eval'} tile={bm}x{bn}x{bc} ieee={ieee}")
+                             tag=f"{name} {dt} {'train' if training else 'eval'} tile={bm}x{bn}x{bc} w{w} s{st} "
+                                 f"ieee={ieee}")
+            sig = dict(ws_ptr="*" + acc, act_ptr="*" + dt, out_ptr="*" + dt, z_ptr="*" + dt, scale_ptr="*" + acc,
+                       shift_ptr="*" + acc, res_ptr="*" + dt, pmean_ptr="*" + acc, pm2_ptr="*" + acc, M="i32", K="i32")
+            comp(tk._splitk_reduce_kernel, sig, dict(SPLIT_K=4, TRAINING=training, HAS_RES=not training, RELU=True,
+                                                     STORE_Z=True, HAS_SCALE=True, BLOCK_M=64, BLOCK_N=64),
+                 tag=f"splitk_reduce {dt} {'train' if training else 'eval'}")
+            if dt != "fp64":
+                for bm, bn, bc, w, st in variants:
+                    sig = dict(a_desc=f"tensordesc<{dt}[{bm}, {bc}]>", b_desc=f"tensordesc<{dt}[{bn}, {bc}]>",
+                               act_ptr="*" + dt, out_ptr="*" + dt, z_ptr="*" + dt, scale_ptr="*" + acc,
+                               shift_ptr="*" + acc, res_ptr="*" + dt, pmean_ptr="*" + acc, pm2_ptr="*" + acc,
+                               M="i32", K="i32", C="i32", NUM_PROGS="i32")
+                    for persistent in (True, False):
+                        consts = dict(NCB=4, PERSISTENT=persistent, IDX64=False, TRAINING=training,
+                                      HAS_RES=not training, RELU=True, STORE_Z=True, HAS_SCALE=True, IEEE=True,
+                                      GROUP_M=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc)
+                        comp(tk._conv1x1_kernel, sig, consts, dict(num_warps=w, num_stages=st),
+                             tag=f"conv1x1-tma {dt} {'train' if training else 'eval'} tile={bm}x{bn}x{bc} "
+                                 f"persistent={persistent}")
         sig = dict(z_ptr="*" + dt, scale_ptr="*" + acc, shift_ptr="*" + acc, res_ptr="*" + dt, out_ptr="*" + dt,
                    n_elements="i64", K="i32")
         comp(tk._bn_apply_kernel, sig, dict(HAS_RES=True, RELU=True, BLOCK=1024), tag=f"bn_apply {dt}")
