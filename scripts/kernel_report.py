@@ -362,7 +362,7 @@ def main(argv=None):
         if err:
             problems.append(f"COMPILE FAIL {tag}: {err}")
             continue
-        is_conv = "BLOCK_M" in {**bound, **cfg_kw} and "BLOCK_N" in {**bound, **cfg_kw}
+        is_conv = "w_ptr" in bound or "a_desc" in bound  # (not the split-K reduce: no MMA there)
         row = dict(dtype=dname, batch=batch, mode=mode, layer=L.name, kernel=launch.fn.__name__,
                    config=_cfg_str({**bound, **cfg_kw}, nw, ns), **info)
         if is_conv:
