@@ -80,6 +80,8 @@ std::tuple<at::Tensor, int64_t> conv_bias_act(const at::Tensor& x, const at::Ten
                                                                   dilation, groups)
                                  : at::cudnn_convolution_relu(x, w, b, stride, padding, dilation, groups);
         return {out, 0};
+      } catch (const c10::OutOfMemoryError&) {
+        throw;  // transient: not a refusal of this signature
       } catch (const std::exception&) {
         std::lock_guard<std::mutex> lock(g_mutex);
         g_refused.insert(sig);

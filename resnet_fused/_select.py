@@ -61,6 +61,8 @@ def _initial_budget() -> float:
 
 
 _budget = [_initial_budget()]
+_charged = [0.0]  # seconds charged so far (spend), to avoid charging nested timing twice
+_excluded = [0.0]  # seconds a timer declared not chargeable (warm-up: compilation, plan search)
 
 
 def budget_left() -> float:
@@ -74,6 +76,18 @@ def set_budget(seconds: float) -> None:
 
 def spend(seconds: float) -> None:
     _budget[0] = max(0.0, _budget[0] - seconds)
+    _charged[0] += seconds
+
+
+@contextlib.contextmanager
+def not_charged():
+    """Time spent inside is not charged to the budget (a timer's warm-up calls, which compile
+    kernels and search plans)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        _excluded[0] += time.perf_counter() - t0
 
 
 def capturing() -> bool:
@@ -260,8 +274,10 @@ def reset(memory: bool = True) -> None:
 def cuda_timer(fn: Callable[[], object], backend: Optional[str] = None) -> float:
     """Milliseconds per call: two warm-up calls (compilation, autotuning, cuDNN plans), then
     the fastest of three rounds of three back-to-back calls between CUDA events."""
-    fn()
-    fn()
+    with not_charged():
+        fn()
+        fn()
+        torch.cuda.synchronize()
     best = float("inf")
     for _ in range(3):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -288,19 +304,21 @@ def use_timer(timer: Callable[..., float]):
         _timer[0] = prev
 
 
-def _time_candidates(candidates, runner):
+def _time_candidates(candidates, runner, device):
     from . import _backends
 
     times, errors = {}, {}
     for b in candidates:
-        t0 = time.perf_counter()
+        t0, c0, x0 = time.perf_counter(), _charged[0], _excluded[0]
         try:
-            with _backends.quiet():
+            # the candidate's GPU current: the timer's events and synchronisation are on it
+            with _backends.quiet(), (torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()):
                 times[b] = float(_timer[0](runner(b), b))
         except Exception as e:  # a candidate that cannot run this call is skipped and reported
             errors[b] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         finally:
-            spend(time.perf_counter() - t0)
+            # the window, less what nested timing (the autotuner) charged itself and the warm-up
+            spend(max(0.0, time.perf_counter() - t0 - (_charged[0] - c0) - (_excluded[0] - x0)))
     return times, errors
 
 
@@ -357,7 +375,7 @@ def _choose(x, key, candidates, runner, no_timing, deterministic):
         c, source = _lookup(device, k, candidates, deterministic)  # another thread may have timed it
         if c is not None:
             return c, source
-        times, errors = _time_candidates(candidates, runner)
+        times, errors = _time_candidates(candidates, runner, x.device)
         if not times:  # nothing ran: the call itself will raise the real error
             _details[(device, k)] = {"ms": {}, "errors": errors}
             return _rule(candidates), "rule (every candidate failed)"

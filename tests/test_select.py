@@ -196,11 +196,11 @@ def test_triton_autotuning_shares_the_budget(sel, monkeypatch):
 
     monkeypatch.delenv("RESNET_FUSED_AUTOTUNE", raising=False)
     monkeypatch.setattr(tk, "_tuned", set())
-    x, w = torch.empty(2, 8, 6, 6), torch.empty(16, 3, 3, 8)
 
     def fixed(M):
-        return tk._use_fixed_config(x, w, M, 16, 8, 6, 6, 6, 6, [1, 1], [1, 1], [1, 1], False, None, True, False,
-                                    False, True)
+        # the key: the kernel and its autotuner key values, as conv_fwd builds it
+        return tk._use_fixed_config(("implicit", M, 16, 8, 8, 6, 6, 6, 6, 1, 1, 1, 1, 1, 1, 3, 3, 1, 1, 1, False,
+                                     (0,), torch.float32))
 
     assert fixed(72) is False  # budget left: tune
     _select.set_budget(0)

@@ -155,3 +155,63 @@ def test_gpu_split_k_on_a_batch_1_layer4_conv():
     truth = conv_bn_relu_reference(x.double(), w.double(), g.double(), b.double(), rm.double(), rv.double(), padding=1)
     ref = conv_bn_relu_reference(x, w, g, b, rm, rv, padding=1)
     assert (out.double() - truth).abs().max() <= 2 * (ref.double() - truth).abs().max() + 1e-3
+
+
+@pytest.mark.skipif(not _triton.interpreting(), reason="TRITON_INTERPRET=1 not set")
+@pytest.mark.parametrize("mode", ["autotuned", "fixed"])
+def test_gpu_host_logic_on_the_cpu(mode, monkeypatch):
+    # The GPU's host path (real tile configs, autotuning with its pruning and TMA pre-hooks, the
+    # fixed-config fallback) run through the interpreter: `interpreting` reports False to the
+    # launcher, the autotuner's timing is a fake that ranks configs at random.
+    import random
+
+    from resnet_fused import _select
+    from resnet_fused.ops.conv_bn_relu import triton_kernels as tk
+
+    persistent = tk._persistent_ok()
+    monkeypatch.setattr(tk, "interpreting", lambda: False)
+    monkeypatch.setattr(tk, "_persistent_ok", lambda: persistent)
+    monkeypatch.setattr(tk, "_tuned", set())
+    rng = random.Random(0)
+
+    def fake_bench(fn, quantiles=None, **_):
+        fn()
+        v = rng.random()
+        return [v, v, v]
+
+    for tuned in (tk._conv_fwd_tuned, tk._conv1x1_tuned):
+        monkeypatch.setattr(tuned, "do_bench", fake_bench)
+        monkeypatch.setattr(tuned, "cache", {})
+    if mode == "fixed":
+        monkeypatch.setenv("RESNET_FUSED_AUTOTUNE", "0")
+    budget = _select.budget_left()
+    _select.set_budget(1e6)
+    try:
+        for case in ("1x1-tma", "3x3s2-flattened", "stem", "3x3-split-k"):
+            for training in (False, True):
+                x, w, bn, res, conv = _make(case, "cpu", torch.float32)
+                out, bn_o, trace = _run("triton", x, w, bn, res, conv, training)
+                bn_e = {n: v.clone() for n, v in bn.items()}
+                exp = conv_bn_relu_reference(x, w, bn_e["bn_weight"], bn_e["bn_bias"], bn_e["running_mean"],
+                                             bn_e["running_var"], training=training,
+                                             residual=None if training else res, **conv)
+                assert_close(out, exp, 1e-4, 1e-4, msg=f"{mode} {case} {_path(trace)}")
+                assert_close(bn_o["running_var"], bn_e["running_var"], 1e-6, 1e-5)
+        # 1x1 with 16 channels (16-wide steps): the TMA path's pruning keeps configs for it
+        x = torch.randn(2, 16, 9, 9).to(memory_format=torch.channels_last)
+        w = torch.randn(40, 16, 1, 1) * 0.25
+        bn = dict(bn_weight=torch.rand(40) + 0.5, bn_bias=torch.randn(40), running_mean=torch.zeros(40),
+                  running_var=torch.ones(40))
+        out, _, trace = _run("triton", x, w, bn, None, dict(stride=1, padding=0, groups=1), True)
+        assert _path(trace).startswith("tma-1x1")
+    finally:
+        _select.set_budget(budget)
+
+
+@pytest.mark.skipif(not _triton.HAS_TRITON, reason="triton not importable")
+@pytest.mark.parametrize("C", [4, 8, 16, 20, 24, 40, 48, 64, 2048])
+def test_tma_1x1_pruning_keeps_a_config_for_every_step_width(C):
+    from resnet_fused.ops.conv_bn_relu import triton_kernels as tk
+
+    kept = tk._prune_1x1_configs(tk._conv1x1_configs(), dict(C=C, K=64, M=100000))
+    assert kept and {c.kwargs["BLOCK_C"] for c in kept} == {tk._step_width(C)}

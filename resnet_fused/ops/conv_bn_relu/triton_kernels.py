@@ -86,7 +86,7 @@ def _prune_configs(configs, named_args, **kwargs):
             # Triton 3.8: scripts/kernel_report.py)
             and not (args.get("TRAINING") and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 128)]
     if not kept:
-        kept = [min((c for c in configs if c.kwargs["BLOCK_C"] == bc) or configs,
+        kept = [min([c for c in configs if c.kwargs["BLOCK_C"] == bc] or configs,
                     key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
     return kept
 
@@ -110,8 +110,9 @@ def _quick_bench(fn, quantiles=None, **_):
 
     from ... import _select
 
-    fn()
-    torch.cuda.synchronize()
+    with _select.not_charged():
+        fn()
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     try:
         return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
@@ -406,8 +407,10 @@ def _conv1x1_tile(tile, a_desc, b_desc, act_ptr, out_ptr, z_ptr, scale_ptr, shif
 
 
 def _conv1x1_configs():
+    # every step width _step_width can ask for (64, 32, 16) has configs
     return [_cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4),
-            _cfg(64, 128, 64, 4, 4), _cfg(128, 128, 32, 8, 4), _cfg(128, 64, 32, 4, 4)]
+            _cfg(64, 128, 64, 4, 4), _cfg(128, 128, 32, 8, 4), _cfg(128, 64, 32, 4, 4), _cfg(64, 64, 32, 4, 4),
+            _cfg(128, 64, 16, 4, 4), _cfg(64, 64, 16, 4, 4)]
 
 
 def _set_block_shapes(nargs):
@@ -418,6 +421,7 @@ def _set_block_shapes(nargs):
 
 _GROUP_M = 8
 _MIN_BLOCK_M = 16  # smallest BLOCK_M among the configs above and the interpreter's
+_MIN_TUNED_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _conv_configs() + _conv1x1_configs())  # 64
 _SPLIT_BLOCK = 64  # the split-K reduce kernel's tile (its statistics partials cover 64 rows)
 
 
@@ -488,17 +492,16 @@ def _split_k(M, Kg, groups, nstep, sms):
 _tuned: set = set()  # the autotuner's keys (and dtypes) already tuned in this process
 
 
-def _use_fixed_config(x, w, M, K, C, H, W, P, Q, stride, padding, dilation, training, residual, relu, store_z,
-                      has_scale, ieee, path="generic") -> bool:
+def _use_fixed_config(key) -> bool:
     """The fixed tile configuration instead of autotuning: deterministic mode, with
     RESNET_FUSED_AUTOTUNE=0, and for problems not yet tuned once the tuning budget shared with
-    the backend selection is spent (or while a CUDA graph is captured)."""
+    the backend selection is spent (or while a CUDA graph is captured). ``key``: the kernel and
+    the values of its autotuner key (and the dtype), so that "tuned" means what the autotuner's
+    own cache means."""
     if torch.are_deterministic_algorithms_enabled() or os.environ.get("RESNET_FUSED_AUTOTUNE", "1") == "0":
         return True
     from ... import _select
 
-    key = (path, M, K, C, w.shape[3], H, W, P, Q, *stride, *padding, *dilation, w.shape[1], w.shape[2], x.stride(1),
-           training, residual is not None, relu, store_z, has_scale, ieee, x.dtype)
     if key in _tuned:
         return False
     if _select.budget_left() <= 0 or _select.capturing():
@@ -539,8 +542,6 @@ def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training,
     if M == 0:
         pm = torch.empty((0, K), device=dev, dtype=acc_dt) if training else None
         return out, z, pm, (pm.clone() if training else None), _MIN_BLOCK_M
-    if groups * triton.cdiv(Kg, 16) > 65535:
-        raise ValueError(f"conv_bn_relu (triton): {groups} groups x {Kg} channels exceed the launch grid")
     padded = False
     if groups == 1 and Cg < 16 and Cg % 4:
         # The stem (3 channels): pad the input and weight channels to a multiple of 4 in one
@@ -560,9 +561,7 @@ def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training,
     tensors = dict(out=out if out is not None else dummy, z=z if z is not None else dummy,
                    scale=scale if scale is not None else dummy, shift=shift if shift is not None else dummy,
                    res=residual if residual is not None else dummy)
-    fixed = interp or dt == torch.float64 or _use_fixed_config(
-        x, w_krsc, M, K, C, H, W, P, Q, stride, padding, dilation, training, residual, relu, z is not None,
-        scale is not None, ieee)
+    flag_key = tuple(flags.values())
 
     # --- dense 1x1 stride-1: the TMA GEMM ---------------------------------------------------
     elem = x.element_size()
@@ -576,7 +575,7 @@ def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training,
         if interp:
             cfg = dict(_INTERP_SMALL if M * K <= 64 * 64 * 4 and C <= 64 else _INTERP_LARGE)
             bc = cfg["BLOCK_C"]
-        elif fixed:
+        elif _use_fixed_config(("1x1", M, K, C, bc, _persistent_ok(), flag_key, dt)):
             cfg = _fixed_config(C, 1, 1, False, K, M)
         else:
             cfg = None
@@ -616,7 +615,8 @@ def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training,
         if dt == torch.float64 and not interp:
             cfg.update(BLOCK_M=32, BLOCK_N=32, BLOCK_C=8)
         kernel = _conv_fwd_kernel
-    elif fixed:
+    elif _use_fixed_config(("implicit", M, K, C, Cg, H, W, P, Q, *stride, *padding, *dilation, R, S, x.stride(1),
+                            groups, split, rowrun, flag_key, dt)):
         kernel, cfg = _conv_fwd_kernel, _fixed_config(Cg, R, S, packed, Kg, M, groups, split, rowrun)
     else:
         kernel, cfg = _conv_fwd_tuned, {}
@@ -625,7 +625,7 @@ def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training,
     if training:
         # Sized for the smallest BLOCK_M (split-K: the reduce kernel's tile); the launch below
         # reports the BLOCK_M it used.
-        rows0 = _SPLIT_BLOCK if split > 1 else cfg.get("BLOCK_M", _MIN_BLOCK_M) if cfg else _MIN_BLOCK_M
+        rows0 = _SPLIT_BLOCK if split > 1 else cfg["BLOCK_M"] if cfg else _MIN_TUNED_BLOCK_M
         pm = torch.empty((triton.cdiv(M, rows0), K), device=dev, dtype=acc_dt)
         pm2 = torch.empty_like(pm)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * groups * triton.cdiv(Kg, meta["BLOCK_N"]), split)  # noqa: E731
