@@ -31,7 +31,7 @@ from ..._triton import HAS_TRITON
 from . import cuda as _cuda_impl
 from . import reference as _ref_impl
 from . import sync as _sync
-from .._common import autocast_dtype, conv_allows_tf32, device_guard
+from .._common import autocast_dtype, conv_allows_tf32, device_guard, direct_ok
 from .reference import CL, acc_dtype, conv_bn_relu_reference
 
 if HAS_TRITON:
@@ -57,7 +57,16 @@ def _pair(v, name):
 
 def _in_layout(t: Tensor, shape, memory_format=None, like: Optional[Tensor] = None) -> Tensor:
     """``t`` in a fixed layout (channels_last, or that of empty_like(like)), copying only
-    when its strides differ, so that real and fake kernels agree on output strides."""
+    when its strides differ, so that real and fake kernels agree on output strides. The
+    wanted strides are computed, not allocated, where they are known (a hot path: several
+    calls per layer)."""
+    if like is None and memory_format is CL and len(shape) == 4:
+        N, C, H, W = shape
+        if tuple(t.shape) == tuple(shape) and t.stride() == (H * W * C, 1, W * C, C):
+            return t
+    elif (like is not None and t.shape == like.shape and t.stride() == like.stride()
+          and (like.is_contiguous() or like.is_contiguous(memory_format=CL))):
+        return t  # a dense like: empty_like keeps its strides
     want = torch.empty_like(like) if like is not None else torch.empty(
         shape, dtype=t.dtype, device=t.device, memory_format=memory_format)
     if t.stride() == want.stride():
@@ -114,14 +123,14 @@ def _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
         else:
             mean, invstd, new_rm, new_rv = B.bn_finalize(pm, pm2, rows, M, running_mean, running_var, momentum, eps)
         scale = gamma * invstd
-        out = B.bn_apply(z, scale, beta - mean * scale, residual, relu)
+        out = B.bn_apply(z, scale, torch.addcmul(beta, mean, scale, value=-1), residual, relu)
     else:
         new_rm = new_rv = None
         mean = running_mean.to(acc, copy=True)
         invstd = torch.rsqrt(running_var.to(acc) + eps)
         scale = gamma * invstd
         out, z, _, _, _ = B.conv_fwd(x, w, K, P, Q, stride, padding, dilation, groups, training=False, scale=scale,
-                                     shift=beta - mean * scale, residual=residual, relu=relu, store_z=store_z,
+                                     shift=torch.addcmul(beta, mean, scale, value=-1), residual=residual, relu=relu, store_z=store_z,
                                      **common)
     out = _in_layout(out, (N, K, P, Q), CL)
     # (Outputs may not alias each other: a fresh empty tensor for each missing one.)
@@ -182,9 +191,11 @@ def _backward_impl(grad, x, weight, bn_weight, z, out, mean, invstd, stride, pad
                 # parameter gradients stay local (DistributedDataParallel averages them), as in
                 # nn.SyncBatchNorm.
                 g_gy, g_gyz, M = _sync.reduce_grad_sums(sum_gy, sum_gyz, M, sync_group)
-                b, c = -a * (g_gyz * invstd) / M, -a * g_gy / M
+                coef = a * (-1.0 / M)
+                b, c = coef * (g_gyz * invstd), coef * g_gy
             else:
-                b, c = -a * dgamma / M, -a * dbeta / M
+                coef = a * (-1.0 / M)  # (few launches: this runs per layer, on [K] vectors)
+                b, c = coef * dgamma, coef * dbeta
     dz, gres = B.bn_bwd_apply(grad, out, z, mean, invstd, a, b, c, relu, need_dr)
     dx = dw = None
     if need_dx or need_dw:
@@ -225,22 +236,65 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(z, mean, invstd, new_rm, new_rv)
 
 
-def _backward(ctx, gout, *_unused):
+def _grads(ctx, gout, bwd):
     x, weight, bn_weight, z, out, mean, invstd = ctx.saved_tensors
     stride, padding, dilation, groups, training, relu, backend, sync_group = ctx.conf
     nig = ctx.needs_input_grad
     mask = [bool(nig[0]), bool(nig[1]), bool(nig[2]), bool(nig[3]), bool(nig[6])]
     grads = [None] * 19
     if any(mask):
-        res = torch.ops.resnet_fused.conv_bn_bwd(gout, x, weight, bn_weight, z, out, mean, invstd, stride, padding,
-                                                 dilation, groups, training, relu, mask, backend, sync_group)
+        res = bwd(gout, x, weight, bn_weight, z, out, mean, invstd, stride, padding, dilation, groups, training, relu,
+                  mask, backend, sync_group)
         for slot, need, g in zip((0, 1, 2, 3, 6), mask, res):
             if need:
                 grads[slot] = g.to(ctx.bias_dtype) if slot == 3 and ctx.bias_dtype is not None else g
     return tuple(grads)
 
 
+def _backward(ctx, gout, *_unused):
+    return _grads(ctx, gout, torch.ops.resnet_fused.conv_bn_bwd)
+
+
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _bwd_direct(grad, x, *rest):
+    with device_guard(x):
+        return _backward_impl(grad, x, *rest)
+
+
+class _DirectFn(torch.autograd.Function):
+    """The eager fast path (see ``_common.direct_ok``): the same forward and backward as the
+    custom ops, without their dispatch machinery."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        with device_guard(inputs[0]):
+            output = _forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        # the other outputs are non-differentiable: no zero-filled gradients for them (and
+        # gout stays None when the output itself is unused)
+        ctx.set_materialize_grads(False)
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gout, *_unused):
+        if gout is None:
+            return (None,) * 19
+        return _grads(ctx, gout, _bwd_direct)
+
+
+def _run_fwd(*args):
+    """The forward operator: the custom op, or its fast path for plain eager calls."""
+    x, weight, bn_weight, bn_bias, running_mean, running_var, residual = args[:7]
+    if direct_ok(x, weight, bn_weight, bn_bias, running_mean, running_var, residual):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, weight, bn_weight, bn_bias, residual)):
+            return _DirectFn.apply(*args)
+        with device_guard(x):
+            return _forward(*args)
+    return _fwd_op(*args)
 
 
 # --- public function ------------------------------------------------------------------------
@@ -346,7 +400,7 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias
                                 no_timing="synchronized BatchNorm" if training and process_group is not None else None)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias, residual))
-    out, _z, _mean, _invstd, new_rm, new_rv = _fwd_op(
+    out, _z, _mean, _invstd, new_rm, new_rv = _run_fwd(
         x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation, groups,
         bool(training), float(momentum), float(eps), bool(relu), needs_grad, allow_tf32, backend,
         _sync.group_key(process_group) if training else 0)

@@ -80,7 +80,7 @@ def conv_affine_act(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: T
                     stride, padding, dilation, groups: int, relu: bool) -> Tensor:
     """Inference-only fused conv; arguments as :func:`conv_bn_relu` after :func:`fold_bn`
     (callers validate shapes: the models do so through the module structure)."""
-    from .._common import conv_allows_tf32
+    from .._common import conv_allows_tf32, direct_ok
 
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     allow_tf32 = conv_allows_tf32() and x.device.type == "cuda"
@@ -93,5 +93,9 @@ def conv_affine_act(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: T
             return lambda: _run(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu,
                                 allow_tf32, b)
     backend = _backends.resolve(OP, x, key=key, runner=runner, weight=weight)
+    if direct_ok(x, weight, scale, shift, residual) and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, scale, shift, residual))):
+        # the eager fast path (see _common.direct_ok): the op's own implementation, called directly
+        return _run(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, allow_tf32, backend)
     return conv_affine_act_op(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, allow_tf32,
                               backend)
