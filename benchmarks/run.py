@@ -10,7 +10,10 @@ Every implementation starts from the same weights, is checked against eager befo
 timed (a wrong one is reported as failed and never timed), is warmed up, and is timed with
 CUDA events per iteration; the median, p20 and p80 are reported with img/s and peak memory.
 ``fused-auto`` is the product's default (per-layer choice between the backends); its choice per
-layer is printed and written as explain_<model>_<mode>_<dtype>_b<batch>.csv.
+layer is printed and written as explain_<model>_<mode>_<dtype>_b<batch>.csv. Optional variants:
+``compile-max`` (max-autotune), ``*-graph`` (inference replayed from a CUDA graph through
+``resnet_fused.capture``), ``*-ro`` (``torch.compile(mode="reduce-overhead")`` of the eager or
+the fused model: CUDA graphs for training steps too, so the host's time per step disappears).
 
 Each run writes its CSVs, a markdown summary and PNG plots into a fresh folder
 benchmarks/out/<time>-<device>/ (or --out DIR) and prints the path. Only --record appends the
@@ -45,7 +48,9 @@ OP_COLUMNS = ["timestamp", "commit", "device", "torch", "triton", "layer", "op",
               "ms_median", "ms_p20", "ms_p80", "tflops", "gbps", "peak_tflops", "peak_gbps"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_IMPLS = ["eager", "eager-cl", "compile", "fused-triton", "fused-cuda", "fused-auto"]
-OPTIONAL_IMPLS = ["compile-max", "eager-cl-graph", "fused-triton-graph", "fused-cuda-graph", "fused-auto-graph"]
+OPTIONAL_IMPLS = ["compile-max", "eager-cl-graph", "fused-triton-graph", "fused-cuda-graph", "fused-auto-graph",
+                  # torch.compile(mode="reduce-overhead"): CUDA graphs for training steps too (host time gone)
+                  "compile-ro", "fused-triton-ro", "fused-cuda-ro", "fused-auto-ro"]
 CPU_IMPLS = ["eager", "eager-cl", "fused-reference", "fused-auto"]
 NONE = "–"  # a cell with no value
 
@@ -114,6 +119,7 @@ def build(impl, base, device, dtype, mode, example):
     cl = impl not in ("eager",)
     if cl:
         m = m.to(memory_format=torch.channels_last)
+    ro = impl.endswith("-ro")  # torch.compile(mode="reduce-overhead") of the model (eager or fused)
     backend = None
     if impl.startswith("fused-"):
         backend = impl.split("-")[1]
@@ -126,6 +132,8 @@ def build(impl, base, device, dtype, mode, example):
     fwd = m
     if impl in ("compile", "compile-max"):
         fwd = torch.compile(m, mode="max-autotune" if impl == "compile-max" else None)
+    elif ro:
+        fwd = torch.compile(m, mode="reduce-overhead")
     opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) if mode == "train" else None
     x = example.to(device)
     if cl:
@@ -136,12 +144,15 @@ def build(impl, base, device, dtype, mode, example):
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
             return fwd(inp)
 
+    mark = torch.compiler.cudagraph_mark_step_begin if ro else (lambda: None)
     if mode == "infer":
         def step():
+            mark()
             with torch.inference_mode():
                 return run_fwd(x)
     else:
         def step():
+            mark()  # a new step: the graphs' previous outputs may be overwritten
             opt.zero_grad(set_to_none=True)
             out = run_fwd(x)
             loss = F.cross_entropy(out.float(), target)
@@ -594,7 +605,8 @@ def main(argv=None):
         args.size = min(args.size, 64)
         args.op_batch = min(args.op_batch, 4)
         args.iters, args.op_iters, args.warmup, args.min_time = min(args.iters, 3), min(args.op_iters, 3), 1, 0.0
-    if cpu and any(i.startswith("fused-") and i not in ("fused-reference", "fused-auto") for i in args.impls):
+    if cpu and any(i.startswith("fused-") and i.removesuffix("-ro") not in ("fused-reference", "fused-auto")
+                   for i in args.impls):
         sys.exit("fused-triton / fused-cuda need a GPU; on the CPU use fused-reference")
     env = environment(device)
     print(f"device: {env['device']}; torch {env['torch']}, triton {env['triton']}, commit {env['commit']}; "

@@ -9,7 +9,11 @@
 #                  fused-cuda, fused-auto at batches 1 and 256, infer and train; CUDA-graph
 #                  variants at b1); fused-auto's decisions -> proof/tuning_table.json
 #   STAGE=suite    the per-layer op benchmark (batch 256 bf16), then the CUDA test suite
-#   STAGE=infer    the inference and CUDA-graph rows again (after a fix), then the suite
+#   STAGE=infer    the inference and CUDA-graph rows again (after a fix), training-step
+#                  profiles, then the suite
+#   STAGE=host     host time per conv layer (scripts/host_overhead.py: fast path, custom op,
+#                  eager), the training step under torch.compile(mode="reduce-overhead") (CUDA
+#                  graphs) for eager and fused models, and the training-step profiles
 #   STAGE=extra    compute-sanitizer (memcheck, racecheck) and the 100-step bf16 curves
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -80,6 +84,18 @@ if [ "$STAGE" = infer ]; then  # the inference rows again (after a fix), then th
   pkill -f multiprocessing.spawn 2>/dev/null; tail -1 "$P/warm.log"; grep -A8 FAIL "$P/warm.log" | head -20
   bench m_infer 100 --no-ops --modes infer --impls fused-triton,fused-cuda
   bench m_graph 80 --no-ops --modes infer --batches 1 --impls eager-cl-graph,fused-triton-graph,fused-cuda-graph
+  for spec in "fused-cuda train" "fused-triton train"; do
+    set -- $spec
+    run "prof_$1_$2" 45 python3 scripts/profile_step.py --impl "$1" --mode "$2" --top 25
+    head -1 "$P/prof_$1_$2.log"
+  done
+fi
+
+if [ "$STAGE" = host ]; then  # docs/perf.md lead 9
+  for b in cuda triton; do
+    run "host_$b" 40 python3 scripts/host_overhead.py --device cuda --backend "$b"; tail -8 "$P/host_$b.log"
+  done
+  bench m_ro 300 --no-ops --modes train,infer --batches 256 --impls eager-cl,compile-ro,fused-cuda-ro,fused-triton-ro,fused-cuda,fused-triton
   for spec in "fused-cuda train" "fused-triton train"; do
     set -- $spec
     run "prof_$1_$2" 45 python3 scripts/profile_step.py --impl "$1" --mode "$2" --top 25

@@ -106,3 +106,17 @@ def test_train_curve_smoke(tmp_path):
         rows = list(csv.reader(f))
     assert rows[0] == ["step", "eager", "eager-rerun", "fused-reference"] and len(rows) == 5
     assert (tmp_path / "train_curve_resnet18_fp32_cpu.png").stat().st_size > 0
+
+
+def test_benchmark_reduce_overhead_variants_build_and_pass_the_guard(tmp_path):
+    # torch.compile(mode="reduce-overhead") of the fused model (CUDA graphs on a GPU; on the CPU
+    # plain inductor): a training step and an inference call pass the correctness guard
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--device", "cpu", "--smoke",
+                        "--batches", "2", "--impls", "fused-reference-ro", "--no-ops", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, env=_no_interpreter())
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(out / "models.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["mode"], r["impl"], r["status"]) for r in rows} == {("infer", "fused-reference-ro", "ok"),
+                                                                    ("train", "fused-reference-ro", "ok")}

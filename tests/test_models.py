@@ -502,6 +502,43 @@ def test_gpu_no_host_sync_cuda_graph_and_autocast(backend):
                 _within_torch_error(got, theirs(inp), truth(inp.double()), factor=2.0)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="no CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_reduce_overhead_training_steps(backend):
+    # torch.compile(mode="reduce-overhead") of a fused model: its training steps replay CUDA
+    # graphs (the custom ops inside them). Three SGD steps must match the same fused model run
+    # eagerly (fp32, IEEE products: the same kernels, only the surrounding ops are compiled),
+    # running statistics included: a replay that skipped an update or read a stale input fails.
+    if backend not in _gpu_backends():
+        pytest.skip(f"{backend} not runnable here")
+    ours, _ = pair("resnet18", num_classes=10)
+    ours.cuda().to(memory_format=torch.channels_last)
+    eager = copy.deepcopy(ours)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, mode="reduce-overhead")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    losses = {"eager": [], "graphs": []}
+    with resnet_fused.use_backend(backend):
+        for name, m, fwd in (("eager", eager, eager), ("graphs", ours, compiled)):
+            opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+            gen.manual_seed(0)
+            for _ in range(3):
+                x = torch.randn(8, 3, 64, 64, device="cuda", generator=gen).to(memory_format=torch.channels_last)
+                y = torch.randint(0, 10, (8,), device="cuda", generator=gen)
+                torch.compiler.cudagraph_mark_step_begin()
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(fwd(x), y)
+                loss.backward()
+                opt.step()
+                losses[name].append(loss.item())
+    for a, b in zip(losses["graphs"], losses["eager"]):
+        assert abs(a - b) <= 1e-3 * abs(b) + 1e-5, losses
+    rel_close(ours.fc.weight, eager.fc.weight, 1e-3)
+    rel_close(ours.layer4[1].bn2.running_var, eager.layer4[1].bn2.running_var, 1e-3)
+    assert int(ours.bn1.num_batches_tracked) == 3
+
+
 def _within_torch_error(ours_out, torch_out, truth, factor, floor=1e-3):
     """max|ours - truth| <= factor * max|torch - truth| + floor * max|truth| (same precision)."""
     t = truth.double()
