@@ -39,23 +39,35 @@ def counted(monkeypatch):
     return calls
 
 
-def _step(backend, x, w, bn, res, conv, training):
-    """One forward + backward; returns the output, the updated running stats and every gradient."""
-    x, w, res = (t.detach().clone().requires_grad_() for t in (x, w, res))
+MASKS = {  # which of (x, weight, bn_weight, bn_bias, residual) need a gradient
+    "all": (True,) * 5, "x": (True, False, False, False, False), "weight": (False, True, False, False, False),
+    "bn": (False, False, True, True, False), "residual": (False, False, False, False, True),
+}
+
+
+def _step(backend, x, w, bn, res, conv, training, mask, relu):
+    """One forward (+ backward when anything needs a gradient); returns the output, the updated
+    running stats and every gradient."""
+    x, w, res = (t.detach().clone().requires_grad_(m) for t, m in zip((x, w, res), (mask[0], mask[1], mask[4])))
     bn = {k: v.clone() for k, v in bn.items()}
-    g, b = bn["bn_weight"].requires_grad_(), bn["bn_bias"].requires_grad_()
+    g, b = bn["bn_weight"].requires_grad_(mask[2]), bn["bn_bias"].requires_grad_(mask[3])
     with resnet_fused.use_backend(backend):
         out = conv_bn_relu(x, w, g, b, bn["running_mean"], bn["running_var"], residual=res, training=training,
-                           **conv)
-    gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype).to(out.device)
-    out.backward(gout)
+                           relu=relu, **conv)
+    if any(mask):
+        # a channels_last gradient, as the next fused layer's backward produces
+        gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+        out.backward(gout.to(out.device).contiguous(memory_format=torch.channels_last))
     return [out.detach(), bn["running_mean"], bn["running_var"], x.grad, w.grad, g.grad, b.grad, res.grad]
 
 
 @pytest.mark.parametrize("case", BACKEND_DEVICE)
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-def test_direct_path_equals_the_custom_op_path_bitwise(case, training, counted, monkeypatch):
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+@pytest.mark.parametrize("mask", list(MASKS) + ["none"])
+def test_direct_path_equals_the_custom_op_path_bitwise(case, training, relu, mask, counted, monkeypatch):
     backend, device = case
+    mask = MASKS.get(mask, (False,) * 5)
     if device == "cuda":
         # atomics (cuDNN's weight gradient, the reductions' fast forms) would differ run to run
         prev = torch.are_deterministic_algorithms_enabled()
@@ -63,22 +75,25 @@ def test_direct_path_equals_the_custom_op_path_bitwise(case, training, counted, 
         monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
         monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
         try:
-            return _compare_paths(backend, device, training, counted, monkeypatch)
+            return _compare_paths(backend, device, training, mask, relu, counted, monkeypatch)
         finally:
             torch.use_deterministic_algorithms(prev)
-    _compare_paths(backend, device, training, counted, monkeypatch)
+    _compare_paths(backend, device, training, mask, relu, counted, monkeypatch)
 
 
-def _compare_paths(backend, device, training, counted, monkeypatch):
+def _compare_paths(backend, device, training, mask, relu, counted, monkeypatch):
     x, w, bn, res, conv = make("3x3s2", device)
-    direct = _step(backend, x, w, bn, res, conv, training)
+    direct = _step(backend, x, w, bn, res, conv, training, mask, relu)
     assert counted["conv_bn_fwd"] == 0  # the fast path ran
     monkeypatch.setattr(_common, "DIRECT", [False])
-    via_op = _step(backend, x, w, bn, res, conv, training)
+    via_op = _step(backend, x, w, bn, res, conv, training, mask, relu)
     assert counted["conv_bn_fwd"] == 1  # the custom op ran
     for name, a, e in zip(["out", "running_mean", "running_var", "dx", "dw", "dgamma", "dbeta", "dres"],
                           direct, via_op):
-        assert torch.equal(a, e), f"{backend} {name}: the two paths differ"
+        assert (a is None) == (e is None), f"{backend} {name}: a gradient on one path only"
+        if a is not None:
+            assert a.dtype == e.dtype and a.stride() == e.stride(), f"{backend} {name}: dtype or layout differ"
+            assert torch.equal(a, e), f"{backend} {name}: the two paths differ"
 
 
 # (the interpreter's case is left out: 40 s for a ResNet-18 there; the op-level test covers it)
@@ -152,3 +167,75 @@ def test_double_backward_is_refused_on_both_paths(monkeypatch):
         (gx,) = torch.autograd.grad(out.square().sum(), xr, create_graph=True)
         with pytest.raises(RuntimeError):
             gx.sum().backward()
+
+
+def test_jit_trace_records_the_custom_op(counted):
+    x, w, bn, res, conv = make("1x1s1", "cpu")
+    args = (x, w, bn["bn_weight"], bn["bn_bias"], bn["running_mean"].clone(), bn["running_var"].clone(), res)
+
+    def f(x, w, g, b, rm, rv, res):
+        return conv_bn_relu(x, w, g, b, rm, rv, residual=res, training=False, **conv)
+
+    with resnet_fused.use_backend("reference"):
+        traced = torch.jit.trace(f, args, check_trace=False)
+        assert counted["conv_bn_fwd"] == 1
+        assert "resnet_fused::conv_bn_fwd" in str(traced.graph)
+        assert torch.equal(traced(*args), f(*args))
+
+
+def test_backward_under_a_mode_takes_the_custom_op(monkeypatch):
+    # the forward ran eagerly (fast path); a dispatch mode around backward() must see the
+    # backward custom op, not the aten ops inside it
+    from torch.utils.flop_counter import FlopCounterMode
+
+    calls = []
+    direct_bwd = cbr._bwd_direct
+    monkeypatch.setattr(cbr, "_bwd_direct", lambda *a: calls.append(1) or direct_bwd(*a))
+    x, w, bn, res, conv = make("3x3s1", "cpu")
+    with resnet_fused.use_backend("reference"):
+        for mode in (None, FlopCounterMode(display=False)):
+            xr = x.detach().clone().requires_grad_()
+            out = conv_bn_relu(xr, w, bn["bn_weight"], bn["bn_bias"], bn["running_mean"].clone(),
+                               bn["running_var"].clone(), training=True, **conv)
+            if mode is None:
+                out.sum().backward()
+                assert calls == [1]
+            else:
+                with mode:
+                    out.sum().backward()
+                assert calls == [1]  # the custom op ran instead
+                assert not any("convolution_backward" in str(k) for k in mode.get_flop_counts().get("Global", {}))
+            assert xr.grad is not None
+
+
+class _DropGrad(torch.autograd.Function):
+    """Identity whose backward sends no gradient upstream."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return None
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_synchronized_backward_joins_the_collective_without_an_output_gradient(direct, monkeypatch):
+    # every rank must join the backward's all-reduce, also a rank whose output got no gradient
+    from resnet_fused.ops.conv_bn_relu import reference, sync
+
+    joined = []
+    monkeypatch.setattr(_common, "DIRECT", [direct])
+    monkeypatch.setattr(sync, "group_key", lambda g: 7 if g is not None else 0)
+    monkeypatch.setattr(sync, "finalize", lambda pm, pm2, rows, M, rm, rv, mom, eps, key:
+                        reference.bn_finalize(pm, pm2, rows, M, rm, rv, mom, eps))
+    monkeypatch.setattr(sync, "reduce_grad_sums", lambda gy, gyz, M, key: joined.append(key) or (gy, gyz, M))
+    x, w, bn, res, conv = make("1x1s1", "cpu")
+    xr = x.detach().clone().requires_grad_()
+    with resnet_fused.use_backend("reference"):
+        out = conv_bn_relu(xr, w, bn["bn_weight"], bn["bn_bias"], bn["running_mean"].clone(),
+                           bn["running_var"].clone(), training=True, process_group=True, **conv)
+        (_DropGrad.apply(out).sum() + 0 * xr.sum()).backward()
+    assert joined == [7]
+    assert xr.grad is not None and not xr.grad.any()  # nothing flowed back through the conv

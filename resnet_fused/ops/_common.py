@@ -72,7 +72,8 @@ def autocast_dtype(device_type: str):
 # measured on the CPU) and runs the same implementation through a plain autograd.Function.
 # The custom ops stay the only path whenever something may intercept them: torch.compile /
 # export tracing, a TorchDispatchMode (FakeTensorMode, FlopCounterMode, ...), a
-# TorchFunctionMode, functorch transforms, tensor subclasses and meta tensors.
+# TorchFunctionMode, functorch transforms, torch.jit.trace, tensor subclasses and meta tensors;
+# the backward decides again when it runs (compiled autograd, a mode around backward()).
 DIRECT = [os.environ.get("RESNET_FUSED_DIRECT", "1") != "0"]
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -82,7 +83,8 @@ def direct_ok(*tensors) -> bool:
     if not DIRECT[0] or torch.compiler.is_compiling():
         return False
     if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-            or torch._C._functorch.peek_interpreter_stack() is not None):
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch._C._get_tracing_state() is not None):  # torch.jit.trace / legacy ONNX export
         return False
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN or t.device.type == "meta"):

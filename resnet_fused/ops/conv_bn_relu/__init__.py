@@ -280,9 +280,14 @@ class _DirectFn(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gout, *_unused):
+        saved = ctx.saved_tensors
         if gout is None:
-            return (None,) * 19
-        return _grads(ctx, gout, _bwd_direct)
+            if not (ctx.conf[4] and ctx.conf[7]):  # nothing flows back
+                return (None,) * 19
+            # synchronized BatchNorm: every rank must join the backward's collective
+            gout = torch.zeros_like(saved[4])
+        # the backward decides again: compiled autograd or a mode around backward() sees the op
+        return _grads(ctx, gout, _bwd_direct if direct_ok(gout, *saved) else torch.ops.resnet_fused.conv_bn_bwd)
 
 
 def _run_fwd(*args):

@@ -108,4 +108,7 @@ def bn_bwd_apply(grad, out, z, mean, invstd, a, b, c, relu, store_gres):
     if b is not None:
         dz = dz + _bc(b) * (z.to(a.dtype) - _bc(mean)) * _bc(invstd) + _bc(c)
     dz = dz.to(grad.dtype).contiguous(memory_format=CL)
-    return dz, (gy.contiguous(memory_format=CL) if store_gres else None)
+    if not store_gres:
+        return dz, None
+    # a fresh tensor: without ReLU gy is the incoming gradient itself (an op output may not alias it)
+    return dz, (gy.clone(memory_format=CL) if gy is grad else gy.contiguous(memory_format=CL))
