@@ -154,6 +154,8 @@ def test_training_steps_parity(name):
     assert_close(lo, lt, 1e-9, 1e-9)
     _compare_models(ours, theirs, 1e-7)
     assert int(ours.bn1.num_batches_tracked) == 3
+    # the steps really replayed graphs: inductor skipped CUDA graphs nowhere (it says why if so)
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
 
 
 def test_momentum_none_cumulative_average():
@@ -516,6 +518,8 @@ def test_gpu_reduce_overhead_training_steps(backend):
     ours.cuda().to(memory_format=torch.channels_last)
     eager = copy.deepcopy(ours)
     torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     compiled = torch.compile(ours, mode="reduce-overhead")
     gen = torch.Generator(device="cuda").manual_seed(0)
     losses = {"eager": [], "graphs": []}
@@ -537,6 +541,8 @@ def test_gpu_reduce_overhead_training_steps(backend):
     rel_close(ours.fc.weight, eager.fc.weight, 1e-3)
     rel_close(ours.layer4[1].bn2.running_var, eager.layer4[1].bn2.running_var, 1e-3)
     assert int(ours.bn1.num_batches_tracked) == 3
+    # the steps really replayed graphs: inductor skipped CUDA graphs nowhere (it says why if so)
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
 
 
 def _within_torch_error(ours_out, torch_out, truth, factor, floor=1e-3):
