@@ -77,7 +77,10 @@ def main():
                                                      STORE_Z=True, HAS_SCALE=True, BLOCK_M=64, BLOCK_N=64),
                  tag=f"splitk_reduce {dt} {'train' if training else 'eval'}")
             if dt != "fp64":
-                for bm, bn, bc, w, st in variants:
+                # the TMA 1x1 kernel's own configurations (64-, 32- and 16-wide steps)
+                cfgs1 = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_C"], c.num_warps, c.num_stages)
+                         for c in tk._conv1x1_configs()]
+                for bm, bn, bc, w, st in (cfgs1[:1] + cfgs1[-1:] if args.quick else cfgs1):
                     sig = dict(a_desc=f"tensordesc<{dt}[{bm}, {bc}]>", b_desc=f"tensordesc<{dt}[{bn}, {bc}]>",
                                act_ptr="*" + dt, out_ptr="*" + dt, z_ptr="*" + dt, scale_ptr="*" + acc,
                                shift_ptr="*" + acc, res_ptr="*" + dt, pmean_ptr="*" + acc, pm2_ptr="*" + acc,

@@ -547,7 +547,8 @@ def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training,
         # The stem (3 channels): pad the input and weight channels to a multiple of 4 in one
         # cheap pass, so that the packed (r, s, c) gather loads 4 channels at a time.
         Cp = -(-Cg // 4) * 4
-        xp = torch.zeros((N, Cp, H, W), device=dev, dtype=dt).to(memory_format=cl)
+        xp = torch.empty((N, Cp, H, W), device=dev, dtype=dt, memory_format=cl)  # one write per value
+        xp[:, C:].zero_()
         xp[:, :C] = x
         wp = torch.zeros((K, R, S, Cp), device=dev, dtype=dt)
         wp[..., :Cg] = w_krsc
