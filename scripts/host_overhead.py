@@ -48,10 +48,11 @@ class _StubKernels:
         return torch.empty_like(g), (torch.empty_like(g) if store else torch.empty(0))
 
     def conv_bias_act(self, x, w, b, res, stride, padding, dilation, groups, relu):
+        from resnet_fused.ops.conv_bn_relu import _out_size
+
         N, _, H, W = x.shape
         K, _, R, S = w.shape
-        P = (H + 2 * padding[0] - dilation[0] * (R - 1) - 1) // stride[0] + 1
-        Q = (W + 2 * padding[1] - dilation[1] * (S - 1) - 1) // stride[1] + 1
+        P, Q = _out_size(H, W, R, S, stride, padding, dilation)
         return torch.empty((N, K, P, Q), memory_format=torch.channels_last), 0
 
 
