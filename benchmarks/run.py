@@ -15,6 +15,12 @@ layer is printed and written as explain_<model>_<mode>_<dtype>_b<batch>.csv. Opt
 ``resnet_fused.capture``), ``*-ro`` (``torch.compile(mode="reduce-overhead")`` of the eager or
 the fused model: CUDA graphs for training steps too, so the host's time per step disappears).
 
+Operator rows (``--no-ops`` skips them) time every ResNet-50 conv layer as eager conv + BN
+(+ residual) + ReLU, the conv alone (``conv-only``: cuDNN) and ``conv_bn_relu`` per backend. On
+a GPU their ms_* are GPU time from CUDA-graph replay (``timing`` = graph; host time excluded, so
+a layer's Python path does not hide its kernels), with the per-call time beside them
+(``call_ms_median``).
+
 Each run writes its CSVs, a markdown summary and PNG plots into a fresh folder
 benchmarks/out/<time>-<device>/ (or --out DIR) and prints the path. Only --record appends the
 rows to the committed benchmarks/results/{models,ops}.csv (never the CPU smoke rows).
@@ -45,13 +51,20 @@ from resnet_fused.functional import conv_bn_relu  # noqa: E402
 MODEL_COLUMNS = ["timestamp", "commit", "device", "torch", "triton", "model", "mode", "dtype", "batch", "impl",
                  "img_per_s", "ms_median", "ms_p20", "ms_p80", "peak_mem_mb"]
 OP_COLUMNS = ["timestamp", "commit", "device", "torch", "triton", "layer", "op", "mode", "dtype", "batch", "impl",
-              "ms_median", "ms_p20", "ms_p80", "tflops", "gbps", "peak_tflops", "peak_gbps"]
+              "ms_median", "ms_p20", "ms_p80", "tflops", "gbps", "peak_tflops", "peak_gbps", "timing",
+              "call_ms_median"]
+# Op rows, ``timing``: "graph" = GPU time per call from CUDA-graph replay (host time excluded;
+# ms_* and the rates are that), "call" = one eager call between two events (host included:
+# what an eager caller waits, and an upper bound on the GPU's time). ``call_ms_median`` is the
+# call time in both cases. Rows recorded before the column existed are "call".
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_IMPLS = ["eager", "eager-cl", "compile", "fused-triton", "fused-cuda", "fused-auto"]
 OPTIONAL_IMPLS = ["compile-max", "eager-cl-graph", "fused-triton-graph", "fused-cuda-graph", "fused-auto-graph",
                   # torch.compile(mode="reduce-overhead"): CUDA graphs for training steps too (host time gone)
                   "compile-ro", "fused-triton-ro", "fused-cuda-ro", "fused-auto-ro"]
 CPU_IMPLS = ["eager", "eager-cl", "fused-reference", "fused-auto"]
+# Op rows besides the fused backends: eager conv + BN (+ residual) + ReLU, and the conv alone
+OP_BASE_IMPLS = ["eager", "conv-only"]
 NONE = "–"  # a cell with no value
 
 
@@ -102,6 +115,40 @@ def time_fn(fn, device, warmup, iters, min_time=0.0):
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def time_graph(fn, iters, calls=10):
+    """GPU time per call in ms, host time excluded: ``calls`` calls of ``fn`` captured into one
+    CUDA graph (after a warm-up on a side stream, as capture needs), the graph replayed
+    ``iters`` times between CUDA events. Returns (times, None), or (None, reason) where the
+    calls cannot be captured (then the caller keeps the per-call timing)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(g):
+            for _ in range(calls):
+                fn()
+    except Exception as e:  # noqa: BLE001  (uncapturable: a host sync, an allocation outside the pool, ...)
+        torch.cuda.synchronize()
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    del g
+    return times, None
 
 
 def quantiles(times):
@@ -305,12 +352,15 @@ def bench_ops(args, device, env, rows, progress):
             def ours(training):
                 return conv_bn_relu(x, w, gamma, beta, rm, rv, training=training, residual=res, relu=L.relu, **conv)
 
+            def conv_only(training):  # the convolution alone (cuDNN on a GPU): what fusing adds to it
+                return F.conv2d(x, w, None, **conv)
+
             for mode in ("eval", "train", "train-fwd-bwd"):
                 training = mode != "eval"
-                for impl in ["eager"] + [f"fused-{b}" for b in backends]:
+                for impl in OP_BASE_IMPLS + [f"fused-{b}" for b in backends]:
                     progress.set_description(f"op {L.name} {mode} {impl}")
-                    fn = eager if impl == "eager" else ours
-                    ctx = resnet_fused.use_backend(impl.split("-")[1]) if impl != "eager" else _null()
+                    fn = {"eager": eager, "conv-only": conv_only}.get(impl, ours)
+                    ctx = resnet_fused.use_backend(impl.split("-")[1]) if impl.startswith("fused-") else _null()
                     with ctx:
                         if mode == "train-fwd-bwd":
                             xs = [x, w]
@@ -332,7 +382,7 @@ def bench_ops(args, device, env, rows, progress):
                                 with torch.no_grad():
                                     return fn(training)
                         status = "ok"
-                        if impl != "eager" and mode != "train-fwd-bwd":
+                        if impl.startswith("fused-") and mode != "train-fwd-bwd":
                             with torch.no_grad():
                                 ref, got = eager(training).float(), fn(training).float()
                             err = ((ref - got).abs().max() / (ref.abs().max() + 1e-6)).item()
@@ -343,11 +393,21 @@ def bench_ops(args, device, env, rows, progress):
                         if status == "ok":
                             try:
                                 times = time_fn(step, device, args.warmup, args.op_iters)
+                                call_med = quantiles(times)[0]
+                                timing = "call"
+                                if device.type == "cuda":
+                                    gtimes, why = time_graph(step, args.op_iters)
+                                    if gtimes is None:
+                                        print(f"\nop {L.name} {mode} {impl}: not capturable ({why}); "
+                                              "timed per call, host included")
+                                    else:
+                                        times, timing = gtimes, "graph"
                                 med, p20, p80 = quantiles(times)
                                 mult = 3 if mode == "train-fwd-bwd" else 1
                                 row.update(ms_median=round(med, 4), ms_p20=round(p20, 4), ms_p80=round(p80, 4),
                                            tflops=round(mult * L.flops(batch) / (med / 1e3) / 1e12, 2),
-                                           gbps=round(L.min_bytes(batch, elem) / (med / 1e3) / 1e9, 1))
+                                           gbps=round(L.min_bytes(batch, elem) / (med / 1e3) / 1e9, 1),
+                                           timing=timing, call_ms_median=round(call_med, 4))
                             except Exception as e:
                                 row["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
                         rows.append(row)
@@ -384,10 +444,17 @@ def _bench_add_relu(args, device, env, rows, progress, L, batch, dtype, dname, b
                 row = dict(env, layer=f"{L.name} output", op="add_relu", mode=mode, dtype=dname, batch=batch,
                            impl=impl, status=status, peak_tflops=_r1(peak_tf), peak_gbps=_r1(peak_gb))
                 if status == "ok":
-                    med, p20, p80 = quantiles(time_fn(step, device, args.warmup, args.op_iters))
+                    times = time_fn(step, device, args.warmup, args.op_iters)
+                    call_med, timing = quantiles(times)[0], "call"
+                    if device.type == "cuda":
+                        gtimes, why = time_graph(step, args.op_iters)
+                        if gtimes is not None:
+                            times, timing = gtimes, "graph"
+                    med, p20, p80 = quantiles(times)
                     moved = nbytes * (2 if mode == "fwd-bwd" else 1)  # backward: read grad and out, write grad
                     row.update(ms_median=round(med, 4), ms_p20=round(p20, 4), ms_p80=round(p80, 4), tflops=0.0,
-                               gbps=round(moved / (med / 1e3) / 1e9, 1))
+                               gbps=round(moved / (med / 1e3) / 1e9, 1), timing=timing,
+                               call_ms_median=round(call_med, 4))
                 rows.append(row)
                 progress.update(1)
 
@@ -407,6 +474,17 @@ def append_csv(path, columns, rows):
         return
     new = not os.path.exists(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not new:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header, old = list(reader.fieldnames or []), list(reader)
+        if header != columns:  # columns added since the file was written: rewrite it under the new header
+            extra = [c for c in header if c not in columns]
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=columns + extra, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(old)
+            columns = columns + extra
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new:
@@ -448,17 +526,21 @@ def model_table(rows, baseline):
 
 
 def op_table(rows):
-    lines = ["| op | layer | mode | dtype | impl | ms median | TFLOP/s | GB/s | vs eager |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| op | layer | mode | dtype | impl | ms median | timing (per-call ms) | TFLOP/s | GB/s | vs eager |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     base = {(r["op"], r["layer"], r["mode"], r["dtype"]): r for r in rows if r["impl"] == "eager" and r["status"] == "ok"}
     for r in rows:
         head = f"| {r['op']} | {r['layer']} | {r['mode']} | {r['dtype']} | {r['impl']} |"
         if r["status"] != "ok":
-            lines.append(f"{head} {r['status']} | {NONE} | {NONE} | {NONE} |")
+            lines.append(f"{head} {r['status']} | {NONE} | {NONE} | {NONE} | {NONE} |")
             continue
         b = base.get((r["op"], r["layer"], r["mode"], r["dtype"]))
         sp = f"{b['ms_median'] / r['ms_median']:.2f}x" if b else NONE
-        lines.append(f"{head} {r['ms_median']:.3f} | {cell(r.get('tflops'))} | {cell(r.get('gbps'))} | {sp} |")
+        timing = r.get("timing") or "call"
+        call = r.get("call_ms_median")
+        timing += f" ({call:.3f})" if isinstance(call, float) and timing == "graph" else ""
+        lines.append(f"{head} {r['ms_median']:.3f} | {timing} | {cell(r.get('tflops'))} | {cell(r.get('gbps'))} | "
+                     f"{sp} |")
     return "\n".join(lines)
 
 
@@ -523,7 +605,7 @@ def _typed(row):
         if k in ("batch",) and v not in ("", None):
             out[k] = int(v)
         elif k in ("img_per_s", "ms_median", "ms_p20", "ms_p80", "peak_mem_mb", "tflops", "gbps", "peak_tflops",
-                   "peak_gbps") and v not in ("", None):
+                   "peak_gbps", "call_ms_median") and v not in ("", None):
             out[k] = float(v)
     return out
 
@@ -617,7 +699,7 @@ def main(argv=None):
         tqdm = None
     n_models = 0 if args.no_models else len(args.models) * len(args.modes) * len(args.dtypes) * len(args.batches) * len(args.impls)
     layers = SMOKE if args.smoke else RESNET50
-    n_impl = 1 + (1 if cpu else len([b for b in ("triton", "cuda") if b in resnet_fused.available_backends()]))
+    n_impl = len(OP_BASE_IMPLS) + (1 if cpu else len([b for b in ("triton", "cuda") if b in resnet_fused.available_backends()]))
     n_ops = 0 if args.no_ops else (len(layers) * 3 + sum(L.residual for L in layers) * 2) * len(args.dtypes) * n_impl
     progress = tqdm(total=n_models + n_ops, dynamic_ncols=True) if tqdm else _NoBar()
     model_rows, op_rows, explains = [], [], []

@@ -8,7 +8,8 @@
 #                  channels_last model benchmarks (eager, eager-cl, compile, fused-triton,
 #                  fused-cuda, fused-auto at batches 1 and 256, infer and train; CUDA-graph
 #                  variants at b1); fused-auto's decisions -> proof/tuning_table.json
-#   STAGE=suite    the per-layer op benchmark (batch 256 bf16), then the CUDA test suite
+#   STAGE=suite    the per-layer op benchmark (batch 256 bf16; eager, conv alone, ours per backend;
+#                  GPU time by CUDA-graph replay), then the CUDA test suite
 #   STAGE=infer    the inference and CUDA-graph rows again (after a fix), training-step
 #                  profiles, then the suite
 #   STAGE=host     host time per conv layer (scripts/host_overhead.py: fast path, custom op,
@@ -76,7 +77,8 @@ if [ "$STAGE" = numbers ]; then
 fi
 
 if [ "$STAGE" = suite ]; then
-  bench ops 200 --no-models
+  # (GPU times by CUDA-graph replay, 10 calls per graph; a timeout writes no CSV: a generous limit)
+  bench ops 280 --no-models --op-iters 10
 fi
 
 if [ "$STAGE" = infer ]; then  # the inference rows again (after a fix), then the suite with what time is left

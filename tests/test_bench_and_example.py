@@ -8,7 +8,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
+
+from conftest import NO_CUDA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,7 +51,12 @@ def test_benchmark_smoke_writes_results(tmp_path):
     assert all(float(r["img_per_s"]) > 0 and float(r["ms_p20"]) <= float(r["ms_median"]) <= float(r["ms_p80"])
                for r in rows)
     with open(out / "ops.csv") as f:
-        assert list(next(csv.DictReader(f))) == run.OP_COLUMNS + ["status"]
+        ops = list(csv.DictReader(f))
+    assert list(ops[0]) == run.OP_COLUMNS + ["status"]
+    conv_rows = [r for r in ops if r["op"] == "conv_bn_relu"]
+    assert {r["impl"] for r in conv_rows} == {"eager", "conv-only", "fused-reference"}
+    # no CUDA graphs on the CPU: every row says it was timed per call, host included
+    assert {r["timing"] for r in ops} == {"call"} and all(r["ms_median"] == r["call_ms_median"] for r in ops)
     for name in ("models.csv", "ops.csv", "summary.md", "throughput.png", "layers.png"):
         assert (out / name).stat().st_size > 0, name
     # fused-auto's per-layer choice: printed and written beside the other outputs
@@ -120,3 +128,49 @@ def test_benchmark_reduce_overhead_variants_build_and_pass_the_guard(tmp_path):
         rows = list(csv.DictReader(f))
     assert {(r["mode"], r["impl"], r["status"]) for r in rows} == {("infer", "fused-reference-ro", "ok"),
                                                                     ("train", "fused-reference-ro", "ok")}
+
+
+def test_append_csv_upgrades_an_older_header(tmp_path):
+    # rows recorded before a column existed keep their values; the file gets the new header
+    run = _load("benchmarks/run.py", "rf_bench_run4")
+    path = tmp_path / "ops.csv"
+    old_cols = [c for c in run.OP_COLUMNS if c not in ("timing", "call_ms_median")]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_cols)
+        w.writeheader()
+        w.writerow({c: f"old-{c}" for c in old_cols})
+    run.append_csv(str(path), run.OP_COLUMNS, [dict({c: f"new-{c}" for c in run.OP_COLUMNS}, status="ok"),
+                                               dict(layer="not recorded", status="failed: x")])
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == run.OP_COLUMNS and len(rows) == 2
+    assert rows[0]["layer"] == "old-layer" and rows[0]["timing"] == "" and rows[0]["ms_median"] == "old-ms_median"
+    assert rows[1]["timing"] == "new-timing" and rows[1]["call_ms_median"] == "new-call_ms_median"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="no CUDA GPU")
+def test_gpu_graph_timing_excludes_host_time():
+    # the op benchmark's GPU timing: a call that spends 20 ms on the host and microseconds on
+    # the GPU is timed as its GPU work by graph replay, and as its host time per call
+    import time
+
+    run = _load("benchmarks/run.py", "rf_bench_run5")
+    x = torch.randn(1 << 20, device="cuda")
+    ys = []
+
+    def step():
+        time.sleep(0.02)
+        ys.append(torch.relu(x))
+
+    call = run.quantiles(run.time_fn(step, torch.device("cuda"), 1, 3))[0]
+    times, why = run.time_graph(step, 3, calls=2)
+    assert why is None and len(times) == 3
+    assert call >= 20.0 and run.quantiles(times)[0] < 2.0
+    torch.testing.assert_close(ys[-1], torch.relu(x))
+
+    def sync_step():  # a host synchronisation cannot be captured: reported, not raised
+        x.sum().item()
+
+    times, why = run.time_graph(sync_step, 3)
+    assert times is None and why
