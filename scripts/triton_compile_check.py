@@ -93,16 +93,19 @@ def main():
                              tag=f"conv1x1-tma {dt} {'train' if training else 'eval'} tile={bm}x{bn}x{bc} "
                                  f"persistent={persistent}")
         sig = dict(z_ptr="*" + dt, scale_ptr="*" + acc, shift_ptr="*" + acc, res_ptr="*" + dt, out_ptr="*" + dt,
-                   n_elements="i64", K="i32")
-        comp(tk._bn_apply_kernel, sig, dict(HAS_RES=True, RELU=True, BLOCK=1024), tag=f"bn_apply {dt}")
+                   M="i64", K="i32")
+        for bk in (8, 64, 128):  # the channel widths _elem_blocks picks (4096 elements per program)
+            comp(tk._bn_apply_kernel, sig, dict(HAS_RES=True, RELU=True, BLOCK_M=4096 // bk, BLOCK_K=bk),
+                 tag=f"bn_apply {dt} BLOCK_K={bk}")
         sig = dict(grad_ptr="*" + dt, out_ptr="*" + dt, z_ptr="*" + dt, mean_ptr="*" + acc, psum_ptr="*" + acc,
                    psumz_ptr="*" + acc, M="i64", K="i32")
         comp(tk._bn_bwd_reduce_kernel, sig, dict(ROWS=256, RELU=True, BLOCK_M=32, BLOCK_K=64), tag=f"bwd_reduce {dt}")
         sig = dict(grad_ptr="*" + dt, out_ptr="*" + dt, z_ptr="*" + dt, mean_ptr="*" + acc, invstd_ptr="*" + acc,
                    a_ptr="*" + acc, b_ptr="*" + acc, c_ptr="*" + acc, dz_ptr="*" + dt, gres_ptr="*" + dt,
-                   n_elements="i64", K="i32")
-        comp(tk._bn_bwd_apply_kernel, sig, dict(RELU=True, STORE_GRES=True, USE_Z=True, BLOCK=1024),
-             tag=f"bwd_apply {dt}")
+                   M="i64", K="i32")
+        for bk in (8, 64, 128):
+            comp(tk._bn_bwd_apply_kernel, sig, dict(RELU=True, STORE_GRES=True, USE_Z=True, BLOCK_M=4096 // bk,
+                                                    BLOCK_K=bk), tag=f"bwd_apply {dt} BLOCK_K={bk}")
         comp(ar._add_relu_fwd_kernel, dict(x_ptr="*" + dt, r_ptr="*" + dt, out_ptr="*" + dt, n_elements="i64"),
              dict(BLOCK=1024), tag=f"add_relu {dt}")
     for acc in ["fp32", "fp64"]:

@@ -782,35 +782,48 @@ def bn_finalize(pmean, pm2, rows, M, running_mean, running_var, momentum, eps):
     return mean, invstd, new_rm, new_rv
 
 
+def _elem_blocks(K):
+    """(BLOCK_M, BLOCK_K) of the elementwise BatchNorm kernels: a program takes BLOCK_M rows by
+    BLOCK_K channels of the [M, K] NHWC matrix, so that it loads its per-channel coefficients
+    once (no per-element ``offs % K``: a 64-bit division, and 2-4 more loads per element)."""
+    bk = min(triton.next_power_of_2(max(K, 1)), 128)
+    return max(1, _ELEM_BLOCK * (1 if interpreting() else 4) // bk), bk
+
+
 @triton.jit
 def _bn_apply_kernel(
-    z_ptr,  # [M*K] conv output, NHWC dense
+    z_ptr,  # [M, K] conv output, NHWC dense
     scale_ptr, shift_ptr,  # [K] accumulator dtype
-    res_ptr,  # [M*K] residual (HAS_RES)
-    out_ptr,  # [M*K]
-    n_elements, K,
-    HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
+    res_ptr,  # [M, K] residual (HAS_RES)
+    out_ptr,  # [M, K]
+    M, K,
+    HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_elements
-    k = offs % K
-    sc = tl.load(scale_ptr + k, mask=mask, other=0.0)
-    y = tl.load(z_ptr + offs, mask=mask, other=0.0).to(sc.dtype) * sc + tl.load(shift_ptr + k, mask=mask, other=0.0)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    sc = tl.load(scale_ptr + offs_k, mask=k_mask, other=0.0)
+    sh = tl.load(shift_ptr + offs_k, mask=k_mask, other=0.0)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    msk = (rows < M)[:, None] & k_mask[None, :]
+    idx = rows[:, None] * K + offs_k[None, :]
+    y = tl.load(z_ptr + idx, mask=msk, other=0.0).to(sc.dtype) * sc[None, :] + sh[None, :]
     if HAS_RES:
-        y += tl.load(res_ptr + offs, mask=mask, other=0.0).to(y.dtype)
+        y += tl.load(res_ptr + idx, mask=msk, other=0.0).to(y.dtype)
     if RELU:
         y = tl.where(y < 0, 0.0, y)
-    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + idx, y.to(out_ptr.dtype.element_ty), mask=msk)
 
 
 def bn_apply(z, scale, shift, residual, relu):
     """out = relu?(z * scale + shift + residual?) over NHWC-dense z (and residual)."""
     out = torch.empty_like(z)
-    n = z.numel()
-    if n:
-        _bn_apply_kernel[(triton.cdiv(n, _ELEM_BLOCK),)](
-            z, scale, shift, residual if residual is not None else z, out, n, z.shape[1],
-            HAS_RES=residual is not None, RELU=relu, BLOCK=_ELEM_BLOCK)
+    K = z.shape[1]
+    M = z.numel() // K if K else 0
+    if M:
+        bm, bk = _elem_blocks(K)
+        _bn_apply_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
+            z, scale, shift, residual if residual is not None else z, out, M, K,
+            HAS_RES=residual is not None, RELU=relu, BLOCK_M=bm, BLOCK_K=bk)
     return out
 
 
@@ -854,52 +867,61 @@ def bn_bwd_reduce(grad, out, z, mean, relu):
     M = z.numel() // K if K else 0
     rows = 32 if interpreting() else 256
     G = max(1, triton.cdiv(M, rows))
-    psum = torch.zeros((G, K), device=z.device, dtype=mean.dtype)
-    psumz = torch.zeros_like(psum)
-    if M:
-        bk = 16 if interpreting() else 64
-        _bn_bwd_reduce_kernel[(G, triton.cdiv(K, bk))](
-            grad, out, z, mean, psum, psumz, M, K, ROWS=rows, RELU=relu, BLOCK_M=min(rows, 32), BLOCK_K=bk)
+    if not M:
+        z0 = torch.zeros(K, device=z.device, dtype=mean.dtype)
+        return z0, z0.clone()
+    psum = torch.empty((G, K), device=z.device, dtype=mean.dtype)  # every partial is written
+    psumz = torch.empty_like(psum)
+    bk = 16 if interpreting() else 64
+    _bn_bwd_reduce_kernel[(G, triton.cdiv(K, bk))](
+        grad, out, z, mean, psum, psumz, M, K, ROWS=rows, RELU=relu, BLOCK_M=min(rows, 32), BLOCK_K=bk)
     # A fixed-order sum over the partials: deterministic.
     return psum.sum(0), psumz.sum(0)
 
 
 @triton.jit
 def _bn_bwd_apply_kernel(
-    grad_ptr, out_ptr, z_ptr,  # [M*K] NHWC dense
+    grad_ptr, out_ptr, z_ptr,  # [M, K] NHWC dense
     mean_ptr, invstd_ptr, a_ptr, b_ptr, c_ptr,  # [K]
-    dz_ptr, gres_ptr,  # [M*K] outputs
-    n_elements, K,
-    RELU: tl.constexpr, STORE_GRES: tl.constexpr, USE_Z: tl.constexpr, BLOCK: tl.constexpr,
+    dz_ptr, gres_ptr,  # [M, K] outputs
+    M, K,
+    RELU: tl.constexpr, STORE_GRES: tl.constexpr, USE_Z: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # dz = a * gy + b * xhat + c,  xhat = (z - mean) * invstd.  Training BatchNorm:
     # a = gamma * invstd, b = -a * sum(gy * xhat) / M, c = -a * sum(gy) / M; eval: b = c = 0.
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_elements
-    k = offs % K
-    a = tl.load(a_ptr + k, mask=mask, other=0.0)
-    gy = tl.load(grad_ptr + offs, mask=mask, other=0.0)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    a = tl.load(a_ptr + offs_k, mask=k_mask, other=0.0)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    msk = (rows < M)[:, None] & k_mask[None, :]
+    idx = rows[:, None] * K + offs_k[None, :]
+    gy = tl.load(grad_ptr + idx, mask=msk, other=0.0)
     if RELU:
-        o = tl.load(out_ptr + offs, mask=mask, other=0.0)
+        o = tl.load(out_ptr + idx, mask=msk, other=0.0)
         gy = tl.where(o <= 0, 0.0, gy)  # as threshold_backward: NaN passes
     if STORE_GRES:
-        tl.store(gres_ptr + offs, gy.to(gres_ptr.dtype.element_ty), mask=mask)
-    dz = a * gy.to(a.dtype)
+        tl.store(gres_ptr + idx, gy.to(gres_ptr.dtype.element_ty), mask=msk)
+    dz = a[None, :] * gy.to(a.dtype)
     if USE_Z:
-        xhat = (tl.load(z_ptr + offs, mask=mask, other=0.0).to(a.dtype) - tl.load(mean_ptr + k, mask=mask, other=0.0)) \
-            * tl.load(invstd_ptr + k, mask=mask, other=0.0)
-        dz += tl.load(b_ptr + k, mask=mask, other=0.0) * xhat + tl.load(c_ptr + k, mask=mask, other=0.0)
-    tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        mean = tl.load(mean_ptr + offs_k, mask=k_mask, other=0.0)
+        bi = tl.load(b_ptr + offs_k, mask=k_mask, other=0.0) * tl.load(invstd_ptr + offs_k, mask=k_mask, other=0.0)
+        c = tl.load(c_ptr + offs_k, mask=k_mask, other=0.0)
+        zc = tl.load(z_ptr + idx, mask=msk, other=0.0).to(a.dtype) - mean[None, :]
+        dz += bi[None, :] * zc + c[None, :]
+    tl.store(dz_ptr + idx, dz.to(dz_ptr.dtype.element_ty), mask=msk)
 
 
 def bn_bwd_apply(grad, out, z, mean, invstd, a, b, c, relu, store_gres):
     dz = torch.empty_like(grad)
     gres = torch.empty_like(grad) if store_gres else None
-    n = grad.numel()
-    if n:
+    K = grad.shape[1]
+    M = grad.numel() // K if K else 0
+    if M:
         use_z = b is not None
-        _bn_bwd_apply_kernel[(triton.cdiv(n, _ELEM_BLOCK),)](
+        bm, bk = _elem_blocks(K)
+        _bn_bwd_apply_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
             grad, out, z if use_z else grad, mean, invstd, a, b if use_z else a, c if use_z else a,
-            dz, gres if store_gres else dz, n, grad.shape[1],
-            RELU=relu, STORE_GRES=store_gres, USE_Z=use_z, BLOCK=_ELEM_BLOCK)
+            dz, gres if store_gres else dz, M, K,
+            RELU=relu, STORE_GRES=store_gres, USE_Z=use_z, BLOCK_M=bm, BLOCK_K=bk)
     return dz, gres

@@ -1,0 +1,134 @@
+"""The BatchNorm kernels of the Triton and CUDA backends, called directly, against float64
+formulas: the statistics (CUDA: partials + finalize), the normalize + residual + ReLU, and the
+backward's reduction and elementwise pass.
+
+The shapes are chosen around the kernels' tiling: channel counts below, at and off the 16-byte
+pack width (7, 8, 24), one more pack than a block's chunk of packs (264 bf16 channels: 33
+packs against the reductions' 32; 2056: 257 packs against the elementwise kernels' 256), row
+counts that do not divide the row-threads (1, 37, 3001), and an input whose data pointer is not
+16-byte aligned (the scalar path). Tolerance: the output dtype's rounding (fp32 2e-5 relative,
+bf16 1e-2) on top of float64 truth; the sums are compared to 1e-4 of their scale.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import BACKEND_DEVICE
+
+CASES = [p for p in BACKEND_DEVICE if p.values[0][0] != "reference"]
+
+
+def _impl(backend):
+    from resnet_fused import _backends
+    from resnet_fused.ops.conv_bn_relu import cuda as cuda_impl
+    from resnet_fused.ops.conv_bn_relu import triton_kernels as tk
+
+    if backend not in _backends.available_backends():
+        pytest.skip(f"{backend} backend not available")
+    return tk if backend == "triton" else cuda_impl
+
+
+def _shapes(device):
+    if device == "cpu":  # the interpreter: small
+        return [(1, 8), (37, 7), (37, 24), (5, 264)]
+    return [(1, 8), (37, 7), (37, 24), (3001, 64), (129, 264), (33, 2056), (7, 4104)]
+
+
+def _nhwc(M, K, dtype, device, g, misaligned=False):
+    """An [M, K] matrix as a channels_last [M, K, 1, 1] tensor (optionally 1 element past a
+    16-byte boundary)."""
+    v = torch.randn(M * K, generator=g, dtype=torch.float64)
+    if misaligned:
+        buf = torch.empty(M * K + 1, dtype=dtype, device=device)
+        t = buf[1:].as_strided((M, K, 1, 1), (K, 1, K, K))
+        t.copy_(v.view(M, K, 1, 1).to(dtype))
+        return t
+    return v.view(M, K, 1, 1).to(device, dtype).contiguous(memory_format=torch.channels_last)
+
+
+def _mat(t):
+    return t.detach().double().cpu().reshape(t.shape[0], t.shape[1])
+
+
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+def test_bn_kernels_against_float64(case, dtype, misaligned):
+    backend, device = case
+    B = _impl(backend)
+    g = torch.Generator().manual_seed(0)
+    for M, K in _shapes(device):
+        z = _nhwc(M, K, dtype, device, g, misaligned)
+        res = _nhwc(M, K, dtype, device, g)
+        zd = _mat(z)
+        # per-channel coefficients in the accumulator dtype (fp32)
+        scale = (torch.rand(K, generator=g) + 0.5).to(device)
+        shift = torch.randn(K, generator=g).to(device)
+        tol = TOL[dtype]
+        for relu in (True, False):
+            for residual in (res, None):
+                out = B.bn_apply(z, scale, shift, residual, relu)
+                want = zd * scale.double().cpu() + shift.double().cpu() + (_mat(residual) if residual is not None else 0)
+                if relu:
+                    want = want.clamp_min(0)
+                assert out.stride() == z.stride() or out.is_contiguous(memory_format=torch.channels_last)
+                torch.testing.assert_close(_mat(out), want, rtol=tol, atol=tol, msg=f"bn_apply M={M} K={K}")
+        out = B.bn_apply(z, scale, shift, res, True)
+        # backward: the reduction and the elementwise pass
+        grad = _nhwc(M, K, dtype, device, g, misaligned)
+        mean = torch.randn(K, generator=g).to(device) * 0.1
+        invstd = (torch.rand(K, generator=g) + 0.5).to(device)
+        gd, od, md = _mat(grad), _mat(out), mean.double().cpu()
+        for relu in (True, False):
+            gy = gd * (od > 0) if relu else gd
+            s, sz = B.bn_bwd_reduce(grad, out, z, mean, relu)
+            scl = gy.abs().sum(0).max().item() * (1 + zd.abs().max().item()) + 1e-6
+            torch.testing.assert_close(s.double().cpu(), gy.sum(0), rtol=0, atol=1e-4 * scl,
+                                       msg=f"bwd_reduce sum M={M} K={K}")
+            torch.testing.assert_close(sz.double().cpu(), (gy * (zd - md)).sum(0), rtol=0, atol=1e-4 * scl,
+                                       msg=f"bwd_reduce sum z M={M} K={K}")
+            a = (torch.rand(K, generator=g) + 0.5).to(device)
+            b, c = torch.randn(K, generator=g).to(device), torch.randn(K, generator=g).to(device)
+            for train in (True, False):
+                for store in (True, False):
+                    dz, gres = B.bn_bwd_apply(grad, out, z, mean, invstd, a, b if train else None,
+                                              c if train else None, relu, store)
+                    want = a.double().cpu() * gy
+                    if train:
+                        want = want + b.double().cpu() * (zd - md) * invstd.double().cpu() + c.double().cpu()
+                    torch.testing.assert_close(_mat(dz), want, rtol=tol, atol=tol * 4,
+                                               msg=f"bwd_apply M={M} K={K} relu={relu} train={train}")
+                    if store:
+                        torch.testing.assert_close(_mat(gres), gy, rtol=tol, atol=tol, msg=f"gres M={M} K={K}")
+                    else:
+                        assert gres is None
+
+
+@pytest.mark.parametrize("case", [p for p in CASES if p.values[0][0] == "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+def test_cuda_statistics_against_float64(case, dtype, misaligned):
+    # the CUDA backend's statistics kernel (per-chunk shifted sums) and its finalize
+    B = _impl("cuda")
+    g = torch.Generator().manual_seed(1)
+    for M, K in _shapes("cuda") + [(70000, 64)]:  # 70000 rows: 256-row chunks, a partial last one
+        z = _nhwc(M, K, dtype, "cuda", g, misaligned)
+        z.mul_(0.5).add_(3.0)  # an offset mean: the shifted sums must not cancel
+        pm, pm2, rows = B._stats(z)
+        if M < 2:
+            continue
+        rm, rv = torch.zeros(K, device="cuda"), torch.ones(K, device="cuda")
+        mean, invstd, nrm, nrv = B.bn_finalize(pm, pm2, rows, M, rm, rv, 0.1, 1e-5)
+        zd = _mat(z)
+        var = zd.var(0, unbiased=False)
+        tol = 1e-10 if dtype == torch.float64 else 2e-5
+        torch.testing.assert_close(mean.double().cpu(), zd.mean(0), rtol=tol, atol=tol, msg=f"mean M={M} K={K}")
+        torch.testing.assert_close(invstd.double().cpu(), (var + 1e-5).rsqrt(), rtol=10 * tol, atol=10 * tol,
+                                   msg=f"invstd M={M} K={K}")
+        torch.testing.assert_close(nrv.double().cpu(), 0.9 + 0.1 * zd.var(0, unbiased=True), rtol=10 * tol,
+                                   atol=10 * tol)
