@@ -1,0 +1,167 @@
+"""Runs csrc's BatchNorm and add_relu kernels under the CPU emulation (emu.h) against float64
+NumPy formulas; a child process of tests/test_cuda_kernels_emulated.py, so that a crash (say, a
+16-byte vector access on a misaligned pointer) fails one test instead of the whole run.
+
+    python check_kernels.py LIB {bn,add_relu} {fp32,fp64,fp16,bf16}
+
+Prints one line per checked case and exits 1 at the first mismatch.
+"""
+from __future__ import annotations
+
+import ctypes
+import itertools
+import sys
+
+import numpy as np
+
+DT = {"fp32": 0, "fp64": 1, "fp16": 2, "bf16": 3}
+# rounding of one stored value, relative (the outputs are rounded once from fp32 / fp64)
+TOL = {"fp32": 2e-6, "fp64": 1e-13, "fp16": 1e-3, "bf16": 8e-3}
+SENTINEL = 1234.5
+
+
+def to_storage(v, dt):
+    """float64 values -> the array the kernels read (bf16: uint16 bits, rounded to nearest even)."""
+    if dt == "bf16":
+        u = np.asarray(v, np.float32).view(np.uint32).astype(np.uint64)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        return u.astype(np.uint16)
+    return np.asarray(v, {"fp32": np.float32, "fp64": np.float64, "fp16": np.float16}[dt])
+
+
+def values(a, dt):
+    """The float64 values of a kernel-side array."""
+    if dt == "bf16":
+        return (a.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return a.astype(np.float64)
+
+
+def alloc(n, dt, misaligned=False, fill=SENTINEL):
+    """n elements, 16-byte aligned or exactly one element past an aligned address."""
+    item = 2 if dt in ("fp16", "bf16") else (4 if dt == "fp32" else 8)
+    raw = np.empty(n * item + 64, np.uint8)
+    off = (-raw.ctypes.data) % 16 + (item if misaligned else 0)
+    a = raw[off:off + n * item].view(np.uint16 if dt == "bf16" else to_storage([], dt).dtype)
+    a[:] = to_storage(np.full(n, fill), dt)
+    assert (a.ctypes.data % 16 == 0) != misaligned
+    return a
+
+
+def ptr(a):
+    return None if a is None else ctypes.c_void_p(a.ctypes.data)
+
+
+def check(got, want, tol, what):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    ok = np.isclose(got, want, rtol=tol, atol=tol, equal_nan=True)
+    if not ok.all():
+        idx = np.argwhere(~ok)[:4].tolist()
+        print(f"FAIL {what}: {int((~ok).sum())} of {ok.size} differ; first at {idx}: got {got[~ok][:4]} "
+              f"want {want[~ok][:4]}", flush=True)
+        sys.exit(1)
+
+
+def rounded(v, dt):
+    return values(to_storage(v, dt), dt)
+
+
+def main():
+    lib = ctypes.CDLL(sys.argv[1])
+    group, dt = sys.argv[2], sys.argv[3]
+    i64 = ctypes.c_int64
+    acc = np.float64 if dt == "fp64" else np.float32
+    rng = np.random.default_rng(0)
+    tol = TOL[dt]
+
+    def mk(M, K, misaligned=False, offset=0.0, specials=False):
+        v = rng.standard_normal(M * K) + offset
+        if specials and v.size > 4:
+            v[::7], v[3::11] = np.nan, -np.inf
+        a = alloc(M * K, dt, misaligned)
+        a[:] = to_storage(v, dt)
+        return a, values(a, dt).reshape(M, K)
+
+    if group == "add_relu":
+        for n, mis, sms in itertools.product([1, 7, 8, 9, 255, 4099], [False, True], [1, 3]):
+            lib.emu_set_sms(sms)
+            x, xv = mk(n, 1, mis, specials=True)
+            r, rv = mk(n, 1)
+            out = alloc(n, dt, mis)
+            assert lib.emu_add_relu(ptr(x), ptr(r), ptr(out), i64(n), DT[dt]) == 0
+            want = np.maximum(rounded(xv + rv, dt), 0)
+            want[np.isnan(xv + rv)] = np.nan
+            check(values(out, dt).reshape(n, 1), want, tol, f"add_relu n={n} misaligned={mis}")
+            print(f"ok add_relu {dt} n={n} misaligned={mis} sms={sms}", flush=True)
+        return
+
+    shapes = [(1, 1), (1, 8), (2, 1), (37, 7), (37, 24), (9, 264), (3, 2056), (600, 64)]
+    for (M, K), mis in itertools.product(shapes, [False, True]):
+        lib.emu_set_sms(1 if M * K > 4000 else 3)
+        # forward: normalize (+ residual) (+ ReLU)
+        z, zv = mk(M, K, mis, specials=True)
+        res, resv = mk(M, K)
+        scale, shift = (rng.random(K) + 0.5).astype(acc), rng.standard_normal(K).astype(acc)
+        for relu, has_res in itertools.product((0, 1), (False, True)):
+            out = alloc(M * K, dt, mis)
+            assert lib.emu_bn_apply(ptr(z), ptr(scale), ptr(shift), ptr(res) if has_res else None, ptr(out), i64(M),
+                                    i64(K), relu, DT[dt]) == 0
+            y = zv * scale + shift + (resv if has_res else 0)
+            if relu:
+                y = np.where(y < 0, 0.0, y)  # NaN stays NaN
+            check(values(out, dt).reshape(M, K), rounded(y, dt), tol, f"bn_apply M={M} K={K} relu={relu}")
+        # statistics: per-chunk shifted sums, then the finalize (running statistics updated)
+        zs, zsv = mk(M, K, mis, offset=3.0)
+        for rows in sorted({1, 3, 256, max(1, M // 2)}):
+            G = -(-M // rows)
+            pm, pm2 = np.full(G * K, SENTINEL, acc), np.full(G * K, SENTINEL, acc)
+            assert lib.emu_bn_stats(ptr(zs), ptr(pm), ptr(pm2), i64(M), i64(K), i64(rows), DT[dt]) == 0
+            for g in range(G):
+                c = zsv[g * rows:(g + 1) * rows]
+                check(pm.reshape(G, K)[g], c.mean(0), 1e-5 if acc is np.float32 else 1e-12, f"partial mean g={g}")
+                check(pm2.reshape(G, K)[g], ((c - c.mean(0)) ** 2).sum(0), (1e-5 if acc is np.float32 else 1e-12)
+                      * max(1, len(c)), f"partial M2 g={g}")
+            if M > 1:
+                mean, invstd = np.empty(K, acc), np.empty(K, acc)
+                rm, rv = rng.standard_normal(K).astype(np.float32), (rng.random(K) + 0.5).astype(np.float32)
+                nrm, nrv = np.empty(K, np.float32), np.empty(K, np.float32)
+                assert lib.emu_bn_finalize(ptr(pm), ptr(pm2), i64(G), i64(K), i64(M), i64(rows), ptr(mean),
+                                           ptr(invstd), ptr(rm), ptr(rv), ptr(nrm), ptr(nrv), 0,
+                                           ctypes.c_double(0.1), ctypes.c_double(1e-5), int(acc is np.float64)) == 0
+                var = zsv.var(0)
+                check(mean, zsv.mean(0), 1e-5, f"mean M={M} K={K} rows={rows}")
+                check(invstd, 1 / np.sqrt(var + 1e-5), 1e-4, f"invstd M={M} K={K} rows={rows}")
+                check(nrm, 0.9 * rm + 0.1 * zsv.mean(0), 1e-5, "running mean")
+                check(nrv, 0.9 * rv + 0.1 * var * M / (M - 1), 1e-4, "running var")
+        # backward: the reduction (ReLU mask from the output) and the elementwise pass
+        grad, gv = mk(M, K, mis, specials=True)
+        outb, ov = mk(M, K, specials=True)
+        mean = (rng.standard_normal(K) * 0.1).astype(acc)
+        invstd = (rng.random(K) + 0.5).astype(acc)
+        a, b, c = (rng.random(K) + 0.5).astype(acc), rng.standard_normal(K).astype(acc), rng.standard_normal(K).astype(acc)
+        zb, zbv = mk(M, K, mis)
+        for relu in (0, 1):
+            gy = np.where(ov <= 0, 0.0, gv) if relu else gv  # as threshold_backward: NaN passes
+            for rows in sorted({1, 256, max(1, M // 3)}):
+                G = -(-M // rows)
+                ps, psz = np.full(G * K, SENTINEL, acc), np.full(G * K, SENTINEL, acc)
+                assert lib.emu_bn_bwd_reduce(ptr(grad), ptr(outb), ptr(zb), ptr(mean), ptr(ps), ptr(psz), i64(M),
+                                             i64(K), i64(rows), relu, DT[dt]) == 0
+                for g in range(G):
+                    sl = slice(g * rows, (g + 1) * rows)
+                    check(ps.reshape(G, K)[g], gy[sl].sum(0), 1e-4, f"bwd_reduce sum g={g} rows={rows}")
+                    check(psz.reshape(G, K)[g], (gy[sl] * (zbv[sl] - mean)).sum(0), 1e-4, f"bwd_reduce sum z g={g}")
+            for train, store in itertools.product((False, True), (False, True)):
+                dz, gres = alloc(M * K, dt, mis), (alloc(M * K, dt, mis) if store else None)
+                assert lib.emu_bn_bwd_apply(ptr(grad), ptr(outb) if relu else None, ptr(zb) if train else None,
+                                            ptr(mean) if train else None, ptr(invstd) if train else None, ptr(a),
+                                            ptr(b) if train else None, ptr(c) if train else None, ptr(dz), ptr(gres),
+                                            i64(M), i64(K), relu, DT[dt]) == 0
+                want = a * gy + ((b * invstd * (zbv - mean) + c) if train else 0)
+                check(values(dz, dt).reshape(M, K), rounded(want, dt), 4 * tol, f"bwd_apply M={M} K={K} train={train}")
+                if store:
+                    check(values(gres, dt).reshape(M, K), gy, tol, "gres")
+        print(f"ok bn {dt} M={M} K={K} misaligned={mis}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
