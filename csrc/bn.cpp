@@ -113,7 +113,8 @@ at::Tensor bn_apply(const at::Tensor& z, const at::Tensor& scale, const at::Tens
 
 namespace {
 
-constexpr int64_t kReduceRows = 256;
+// At least 256 rows per partial and at most 512 partials (as the statistics: cuda.py _stats).
+int64_t reduce_rows(int64_t M) { return std::max<int64_t>(256, (M + 511) / 512); }
 
 std::tuple<at::Tensor, at::Tensor> bn_bwd_reduce(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& z,
                                                  const at::Tensor& mean, bool relu) {
@@ -123,12 +124,15 @@ std::tuple<at::Tensor, at::Tensor> bn_bwd_reduce(const at::Tensor& grad, const a
   const int64_t K = grad.size(1), M = K ? grad.numel() / K : 0;
   check_vec(mean, "mean", K, acc_type(grad), grad);
   c10::cuda::CUDAGuard guard(grad.device());
-  const int64_t G = std::max<int64_t>(1, (M + kReduceRows - 1) / kReduceRows);
+  const int64_t rows = reduce_rows(M);
+  const int64_t G = std::max<int64_t>(1, (M + rows - 1) / rows);
   auto opts = mean.options();
-  at::Tensor ps = at::zeros({G, K}, opts), psz = at::zeros({G, K}, opts);
+  // every partial is written by the kernel; with no rows (M == 0) there is one, of zeros
+  at::Tensor ps = M ? at::empty({G, K}, opts) : at::zeros({G, K}, opts);
+  at::Tensor psz = M ? at::empty({G, K}, opts) : at::zeros({G, K}, opts);
   check_launch(launch_bn_bwd_reduce(grad.const_data_ptr(), out.const_data_ptr(), z.const_data_ptr(),
                                     mean.const_data_ptr(), ps.mutable_data_ptr(), psz.mutable_data_ptr(), M, K,
-                                    kReduceRows, relu, kernel_dtype(grad, kOp), stream()),
+                                    rows, relu, kernel_dtype(grad, kOp), stream()),
                "resnet_fused_C::bn_bwd_reduce");
   // A fixed-order reduction over the partials: deterministic.
   return {at::sum(ps, {0}), at::sum(psz, {0})};

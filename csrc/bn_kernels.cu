@@ -2,59 +2,105 @@
 // CUDA backend of conv_bn_relu. Activations are NHWC: an [M, K] row-major matrix.
 //
 // Reductions are two-level and atomic-free, so results do not depend on scheduling:
-// a block of (32 channels x 8 row-threads) reduces a chunk of rows into one partial
-// row; partials are merged in a fixed order.
+// a block of (channel packs x row-threads, 256 threads) reduces a chunk of rows into one
+// partial row; partials are merged in a fixed order.
 #include "launchers.h"
 #include "type_utils.cuh"
 
 namespace resnet_fused {
 namespace {
 
-constexpr int TX = 32;  // channels per block (consecutive: coalesced row segments)
-constexpr int TY = 8;   // row-threads per block
+constexpr int TX = 32;  // the finalize's block: channels (consecutive: coalesced row segments)
+constexpr int TY = 8;   // and partial-row threads
 
-// Adds a and b over the TY row-threads of each channel column (a block of TX x TY threads);
-// the totals land in the threads with threadIdx.y == 0. Every thread of the block must call it.
-template <typename A>
-__device__ __forceinline__ void sum_over_rows(A& a, A& b) {
-  __shared__ A sh_a[TY][TX], sh_b[TY][TX];
-  sh_a[threadIdx.y][threadIdx.x] = a;
-  sh_b[threadIdx.y][threadIdx.x] = b;
-  __syncthreads();
-  if (threadIdx.y == 0) {
-    for (int i = 1; i < TY; ++i) {
-      a += sh_a[i][threadIdx.x];
-      b += sh_b[i][threadIdx.x];
-    }
-  }
+// ---- channel packs ---------------------------------------------------------------------
+// The statistics, apply and backward kernels walk the [M, K] matrix as rows of K / W packs of
+// W consecutive channels (W * sizeof(T) = 16 bytes on the vector path: one 16-byte load per
+// pack; W = 1 when K is not a multiple of the vector width or a pointer is not 16-byte
+// aligned). A thread keeps the same pack of channels for all the rows it visits: its
+// per-channel coefficients live in registers, and no index is divided by K.
+template <typename T, int W>
+struct alignas(sizeof(T) * W) Pack {
+  T v[W];
+};
+template <typename T> constexpr int kVec = 16 / sizeof(T);
+
+template <typename T, int W> __device__ __forceinline__ Pack<T, W> ld(const T* p) {
+  return *reinterpret_cast<const Pack<T, W>*>(p);
+}
+template <typename T, int W> __device__ __forceinline__ void st(T* p, const Pack<T, W>& v) {
+  *reinterpret_cast<Pack<T, W>*>(p) = v;
+}
+
+constexpr int kThreads = 256;  // per block, for every kernel below but the finalize
+
+// The block shape for KP packs per row: TXP packs (threadIdx.x) by RY rows (threadIdx.y),
+// TXP * RY <= kThreads; blockIdx.y picks a chunk of TXP packs.
+struct PackGrid {
+  int txp, ry;
+  unsigned chunks;
+};
+inline PackGrid pack_grid(int64_t KP, int64_t max_txp) {
+  const int64_t txp = KP < max_txp ? KP : max_txp;
+  return {static_cast<int>(txp), static_cast<int>(kThreads / txp), static_cast<unsigned>((KP + txp - 1) / txp)};
 }
 
 // ---- statistics -------------------------------------------------------------------------
 // Sums of (v - shift) and (v - shift)^2 with shift = the chunk's first value of the
 // channel: exact merging inside the chunk, and no E[z^2] - E[z]^2 cancellation.
-template <typename T, typename A>
-__global__ void bn_stats_kernel(const T* __restrict__ z, A* __restrict__ pmean, A* __restrict__ pm2, int64_t M,
-                                int64_t K, int64_t rows) {
+// Block: (txp packs) x (ry rows); blockIdx.x = chunk g of `rows` rows, blockIdx.y = packs.
+template <typename T, typename A, int W>
+__global__ void __launch_bounds__(kThreads) bn_stats_kernel(const T* __restrict__ z, A* __restrict__ pmean,
+                                                            A* __restrict__ pm2, int64_t M, int64_t K, int64_t rows) {
+  __shared__ A sh_s[kThreads * W], sh_ss[kThreads * W];
   const int64_t g = blockIdx.x;
-  const int64_t k = static_cast<int64_t>(blockIdx.y) * TX + threadIdx.x;
+  const int64_t p = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t k0 = p * W;
+  const bool active = k0 < K;
   const int64_t r0 = g * rows;
   const int64_t r1 = (r0 + rows < M) ? r0 + rows : M;
-  A s = 0, ss = 0, shift = 0;
-  if (k < K) {
-    shift = load_as<A>(z + r0 * K + k);
-    for (int64_t r = r0 + threadIdx.y; r < r1; r += TY) {
-      const A d = load_as<A>(z + r * K + k) - shift;
-      s += d;
-      ss += d * d;
+  A s[W], ss[W], shift[W];
+#pragma unroll
+  for (int j = 0; j < W; ++j) s[j] = ss[j] = shift[j] = 0;
+  if (active) {
+    const Pack<T, W> first = ld<T, W>(z + r0 * K + k0);
+#pragma unroll
+    for (int j = 0; j < W; ++j) shift[j] = to_acc<A>(first.v[j]);
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += blockDim.y) {
+      const Pack<T, W> v = ld<T, W>(z + r * K + k0);
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        const A d = to_acc<A>(v.v[j]) - shift[j];
+        s[j] += d;
+        ss[j] += d * d;
+      }
     }
   }
-  sum_over_rows(s, ss);
-  if (threadIdx.y == 0 && k < K) {
+  // the row-threads' sums, added in a fixed order by the threads of row 0
+  const int t = threadIdx.y * blockDim.x + threadIdx.x;
+#pragma unroll
+  for (int j = 0; j < W; ++j) {
+    sh_s[t * W + j] = s[j];
+    sh_ss[t * W + j] = ss[j];
+  }
+  __syncthreads();
+  if (threadIdx.y == 0 && active) {
+    for (int i = 1; i < static_cast<int>(blockDim.y); ++i) {
+      const int u = (i * blockDim.x + threadIdx.x) * W;
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        s[j] += sh_s[u + j];
+        ss[j] += sh_ss[u + j];
+      }
+    }
     const A n = static_cast<A>(r1 - r0);
-    const A mean_d = s / n;
-    pmean[g * K + k] = shift + mean_d;
-    const A m2 = ss - s * mean_d;
-    pm2[g * K + k] = m2 > A(0) ? m2 : A(0);
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      const A mean_d = s[j] / n;
+      pmean[g * K + k0 + j] = shift[j] + mean_d;
+      const A m2 = ss[j] - s[j] * mean_d;
+      pm2[g * K + k0 + j] = m2 > A(0) ? m2 : A(0);
+    }
   }
 }
 
@@ -108,47 +154,47 @@ __global__ void bn_finalize_kernel(const A* __restrict__ pmean, const A* __restr
   }
 }
 
-// ---- elementwise: 16-byte vectors when K is a multiple of the vector width -------------------
-// W consecutive elements of one row, loaded and stored as one access (W * sizeof(T) = 16
-// bytes on the vector path, so the pack is 16-byte aligned; W = 1 otherwise).
-template <typename T, int W>
-struct alignas(sizeof(T) * W) Pack {
-  T v[W];
-};
-template <typename T> constexpr int kVec = 16 / sizeof(T);
-
+// ---- elementwise ----------------------------------------------------------------------------
 inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-inline int64_t grid_for(int64_t work, int threads) {
+inline int64_t max_blocks() {
   int device = 0, sms = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  int64_t blocks = (work + threads - 1) / threads;
-  const int64_t cap = static_cast<int64_t>(sms > 0 ? sms : 128) * 32;
-  return blocks < 1 ? 1 : (blocks > cap ? cap : blocks);
+  // two waves of 8 resident blocks of 256 threads per SM; a grid-stride loop over the rows does the rest
+  return static_cast<int64_t>(sms > 0 ? sms : 128) * 16;
 }
 
-template <typename T, int W> __device__ __forceinline__ Pack<T, W> ld(const T* p) {
-  return *reinterpret_cast<const Pack<T, W>*>(p);
-}
-template <typename T, int W> __device__ __forceinline__ void st(T* p, const Pack<T, W>& v) {
-  *reinterpret_cast<Pack<T, W>*>(p) = v;
+// blockIdx.x strides over rows (ry rows per block step), blockIdx.y picks the chunk of packs.
+inline dim3 rows_grid(int64_t M, const PackGrid& pg) {
+  int64_t bx = (M + pg.ry - 1) / pg.ry;
+  int64_t cap = max_blocks() / pg.chunks;
+  cap = cap < 1 ? 1 : cap;
+  bx = bx < 1 ? 1 : (bx > cap ? cap : bx);
+  return dim3(static_cast<unsigned>(bx), pg.chunks);
 }
 
-// Each item is W consecutive elements of one row (K % W == 0).
 template <typename T, typename A, int W>
-__global__ void bn_apply_kernel(const T* __restrict__ z, const A* __restrict__ scale, const A* __restrict__ shift,
-                                const T* __restrict__ res, T* __restrict__ out, int64_t items, int64_t K, bool relu) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t it = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; it < items; it += stride) {
-    const int64_t i0 = it * W;
-    const int64_t k0 = i0 % K;
+__global__ void __launch_bounds__(kThreads) bn_apply_kernel(const T* __restrict__ z, const A* __restrict__ scale,
+                                                            const A* __restrict__ shift, const T* __restrict__ res,
+                                                            T* __restrict__ out, int64_t M, int64_t K, bool relu) {
+  const int64_t k0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * W;
+  if (k0 >= K) return;
+  A sc[W], sh[W];
+#pragma unroll
+  for (int j = 0; j < W; ++j) {
+    sc[j] = scale[k0 + j];
+    sh[j] = shift[k0 + j];
+  }
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; r < M; r += step) {
+    const int64_t i0 = r * K + k0;
     const Pack<T, W> zv = ld<T, W>(z + i0);
     Pack<T, W> rv, ov;
     if (res) rv = ld<T, W>(res + i0);
 #pragma unroll
     for (int j = 0; j < W; ++j) {
-      A y = to_acc<A>(zv.v[j]) * scale[k0 + j] + shift[k0 + j];
+      A y = to_acc<A>(zv.v[j]) * sc[j] + sh[j];
       if (res) y += to_acc<A>(rv.v[j]);
       if (relu) y = y < A(0) ? A(0) : y;  // NaN stays NaN
       ov.v[j] = cast_to<T>(y);
@@ -157,53 +203,94 @@ __global__ void bn_apply_kernel(const T* __restrict__ z, const A* __restrict__ s
   }
 }
 
-template <typename T, typename A>
-__global__ void bn_bwd_reduce_kernel(const T* __restrict__ grad, const T* __restrict__ out, const T* __restrict__ z,
-                                     const A* __restrict__ mean, A* __restrict__ psum, A* __restrict__ psumz,
-                                     int64_t M, int64_t K, int64_t rows, bool relu) {
+// Per-chunk sums of gy and gy * (z - mean); the block shape of bn_stats_kernel.
+template <typename T, typename A, int W>
+__global__ void __launch_bounds__(kThreads) bn_bwd_reduce_kernel(const T* __restrict__ grad,
+                                                                 const T* __restrict__ out, const T* __restrict__ z,
+                                                                 const A* __restrict__ mean, A* __restrict__ psum,
+                                                                 A* __restrict__ psumz, int64_t M, int64_t K,
+                                                                 int64_t rows, bool relu) {
+  __shared__ A sh_s[kThreads * W], sh_sz[kThreads * W];
   const int64_t g = blockIdx.x;
-  const int64_t k = static_cast<int64_t>(blockIdx.y) * TX + threadIdx.x;
+  const int64_t k0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * W;
+  const bool active = k0 < K;
   const int64_t r0 = g * rows;
   const int64_t r1 = (r0 + rows < M) ? r0 + rows : M;
-  A s = 0, sz = 0;
-  if (k < K) {
-    const A mk = mean[k];
-    for (int64_t r = r0 + threadIdx.y; r < r1; r += TY) {
-      const int64_t i = r * K + k;
-      A gy = load_as<A>(grad + i);
-      if (relu && load_as<A>(out + i) <= A(0)) gy = 0;  // as threshold_backward: NaN passes
-      s += gy;
-      sz += gy * (load_as<A>(z + i) - mk);
+  A s[W], sz[W], mk[W];
+#pragma unroll
+  for (int j = 0; j < W; ++j) s[j] = sz[j] = mk[j] = 0;
+  if (active) {
+#pragma unroll
+    for (int j = 0; j < W; ++j) mk[j] = mean[k0 + j];
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += blockDim.y) {
+      const int64_t i = r * K + k0;
+      const Pack<T, W> gv = ld<T, W>(grad + i);
+      const Pack<T, W> zv = ld<T, W>(z + i);
+      Pack<T, W> ov;
+      if (relu) ov = ld<T, W>(out + i);
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        A gy = to_acc<A>(gv.v[j]);
+        if (relu && to_acc<A>(ov.v[j]) <= A(0)) gy = 0;  // as threshold_backward: NaN passes
+        s[j] += gy;
+        sz[j] += gy * (to_acc<A>(zv.v[j]) - mk[j]);
+      }
     }
   }
-  sum_over_rows(s, sz);
-  if (threadIdx.y == 0 && k < K) {
-    psum[g * K + k] = s;
-    psumz[g * K + k] = sz;
+  const int t = threadIdx.y * blockDim.x + threadIdx.x;
+#pragma unroll
+  for (int j = 0; j < W; ++j) {
+    sh_s[t * W + j] = s[j];
+    sh_sz[t * W + j] = sz[j];
+  }
+  __syncthreads();
+  if (threadIdx.y == 0 && active) {
+    for (int i = 1; i < static_cast<int>(blockDim.y); ++i) {
+      const int u = (i * blockDim.x + threadIdx.x) * W;
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        s[j] += sh_s[u + j];
+        sz[j] += sh_sz[u + j];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      psum[g * K + k0 + j] = s[j];
+      psumz[g * K + k0 + j] = sz[j];
+    }
   }
 }
 
+// dz = a * gy + b * invstd * (z - mean) + c (training; eval: a * gy), gres = gy.
 template <typename T, typename A, int W>
-__global__ void bn_bwd_apply_kernel(const T* __restrict__ grad, const T* __restrict__ out, const T* __restrict__ z,
-                                    const A* __restrict__ mean, const A* __restrict__ invstd, const A* __restrict__ a,
-                                    const A* __restrict__ b, const A* __restrict__ c, T* __restrict__ dz,
-                                    T* __restrict__ gres, int64_t items, int64_t K, bool relu) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t it = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; it < items; it += stride) {
-    const int64_t i0 = it * W;
-    const int64_t k0 = i0 % K;
+__global__ void __launch_bounds__(kThreads) bn_bwd_apply_kernel(
+    const T* __restrict__ grad, const T* __restrict__ out, const T* __restrict__ z, const A* __restrict__ mean,
+    const A* __restrict__ invstd, const A* __restrict__ a, const A* __restrict__ b, const A* __restrict__ c,
+    T* __restrict__ dz, T* __restrict__ gres, int64_t M, int64_t K, bool relu) {
+  const int64_t k0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * W;
+  if (k0 >= K) return;
+  A ak[W], bk[W], ck[W], mk[W];
+#pragma unroll
+  for (int j = 0; j < W; ++j) {
+    ak[j] = a[k0 + j];
+    bk[j] = b ? b[k0 + j] * invstd[k0 + j] : A(0);
+    ck[j] = b ? c[k0 + j] : A(0);
+    mk[j] = b ? mean[k0 + j] : A(0);
+  }
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; r < M; r += step) {
+    const int64_t i0 = r * K + k0;
     const Pack<T, W> gv = ld<T, W>(grad + i0);
     Pack<T, W> ov, zv, dv, rv;
     if (relu) ov = ld<T, W>(out + i0);
     if (b) zv = ld<T, W>(z + i0);
 #pragma unroll
     for (int j = 0; j < W; ++j) {
-      const int64_t k = k0 + j;
       A gy = to_acc<A>(gv.v[j]);
       if (relu && to_acc<A>(ov.v[j]) <= A(0)) gy = 0;  // as threshold_backward: NaN passes
       rv.v[j] = cast_to<T>(gy);
-      A d = a[k] * gy;
-      if (b) d += b[k] * (to_acc<A>(zv.v[j]) - mean[k]) * invstd[k] + c[k];
+      A d = ak[j] * gy;
+      if (b) d += bk[j] * (to_acc<A>(zv.v[j]) - mk[j]) + ck[j];
       dv.v[j] = cast_to<T>(d);
     }
     st<T, W>(dz + i0, dv);
@@ -234,9 +321,15 @@ cudaError_t launch_bn_stats(const void* z, void* pmean, void* pm2, int64_t M, in
   return dispatch(dtype, [&](auto t) {
     using T = decltype(t);
     using A = AccT<T>;
-    dim3 grid(static_cast<unsigned>((M + rows - 1) / rows), static_cast<unsigned>((K + TX - 1) / TX));
-    bn_stats_kernel<T, A><<<grid, dim3(TX, TY), 0, stream>>>(static_cast<const T*>(z), static_cast<A*>(pmean),
-                                                             static_cast<A*>(pm2), M, K, rows);
+    auto go = [&](auto kernel, int w) {
+      const PackGrid pg = pack_grid(K / w, 32);
+      dim3 grid(static_cast<unsigned>((M + rows - 1) / rows), pg.chunks);
+      kernel<<<grid, dim3(pg.txp, pg.ry), 0, stream>>>(static_cast<const T*>(z), static_cast<A*>(pmean),
+                                                        static_cast<A*>(pm2), M, K, rows);
+    };
+    constexpr int V = kVec<T>;
+    if (K % V == 0 && aligned16(z)) go(bn_stats_kernel<T, A, V>, V);
+    else go(bn_stats_kernel<T, A, 1>, 1);
     return cudaGetLastError();
   });
 }
@@ -261,23 +354,19 @@ cudaError_t launch_bn_finalize(const void* pmean, const void* pm2, int64_t G, in
 
 cudaError_t launch_bn_apply(const void* z, const void* scale, const void* shift, const void* res, void* out,
                             int64_t M, int64_t K, bool relu, DType dtype, cudaStream_t stream) {
-  const int64_t n = M * K;
-  if (n == 0) return cudaSuccess;
+  if (M == 0 || K == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto t) {
     using T = decltype(t);
     using A = AccT<T>;
+    auto go = [&](auto kernel, int w) {
+      const PackGrid pg = pack_grid(K / w, kThreads);
+      kernel<<<rows_grid(M, pg), dim3(pg.txp, pg.ry), 0, stream>>>(
+          static_cast<const T*>(z), static_cast<const A*>(scale), static_cast<const A*>(shift),
+          static_cast<const T*>(res), static_cast<T*>(out), M, K, relu);
+    };
     constexpr int V = kVec<T>;
-    const bool vec = K % V == 0 && aligned16(z) && aligned16(res) && aligned16(out);
-    const int threads = 256;
-    if (vec) {
-      bn_apply_kernel<T, A, V><<<static_cast<unsigned>(grid_for(n / V, threads)), threads, 0, stream>>>(
-          static_cast<const T*>(z), static_cast<const A*>(scale), static_cast<const A*>(shift),
-          static_cast<const T*>(res), static_cast<T*>(out), n / V, K, relu);
-    } else {
-      bn_apply_kernel<T, A, 1><<<static_cast<unsigned>(grid_for(n, threads)), threads, 0, stream>>>(
-          static_cast<const T*>(z), static_cast<const A*>(scale), static_cast<const A*>(shift),
-          static_cast<const T*>(res), static_cast<T*>(out), n, K, relu);
-    }
+    if (K % V == 0 && aligned16(z) && aligned16(res) && aligned16(out)) go(bn_apply_kernel<T, A, V>, V);
+    else go(bn_apply_kernel<T, A, 1>, 1);
     return cudaGetLastError();
   });
 }
@@ -289,10 +378,16 @@ cudaError_t launch_bn_bwd_reduce(const void* grad, const void* out, const void* 
   return dispatch(dtype, [&](auto t) {
     using T = decltype(t);
     using A = AccT<T>;
-    dim3 grid(static_cast<unsigned>((M + rows - 1) / rows), static_cast<unsigned>((K + TX - 1) / TX));
-    bn_bwd_reduce_kernel<T, A><<<grid, dim3(TX, TY), 0, stream>>>(
-        static_cast<const T*>(grad), static_cast<const T*>(out), static_cast<const T*>(z),
-        static_cast<const A*>(mean), static_cast<A*>(psum), static_cast<A*>(psumz), M, K, rows, relu);
+    auto go = [&](auto kernel, int w) {
+      const PackGrid pg = pack_grid(K / w, 32);
+      dim3 grid(static_cast<unsigned>((M + rows - 1) / rows), pg.chunks);
+      kernel<<<grid, dim3(pg.txp, pg.ry), 0, stream>>>(
+          static_cast<const T*>(grad), static_cast<const T*>(out), static_cast<const T*>(z),
+          static_cast<const A*>(mean), static_cast<A*>(psum), static_cast<A*>(psumz), M, K, rows, relu);
+    };
+    constexpr int V = kVec<T>;
+    if (K % V == 0 && aligned16(grad) && aligned16(out) && aligned16(z)) go(bn_bwd_reduce_kernel<T, A, V>, V);
+    else go(bn_bwd_reduce_kernel<T, A, 1>, 1);
     return cudaGetLastError();
   });
 }
@@ -300,24 +395,23 @@ cudaError_t launch_bn_bwd_reduce(const void* grad, const void* out, const void* 
 cudaError_t launch_bn_bwd_apply(const void* grad, const void* out, const void* z, const void* mean,
                                 const void* invstd, const void* a, const void* b, const void* c, void* dz, void* gres,
                                 int64_t M, int64_t K, bool relu, DType dtype, cudaStream_t stream) {
-  const int64_t n = M * K;
-  if (n == 0) return cudaSuccess;
+  if (M == 0 || K == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto t) {
     using T = decltype(t);
     using A = AccT<T>;
+    auto go = [&](auto kernel, int w) {
+      const PackGrid pg = pack_grid(K / w, kThreads);
+      kernel<<<rows_grid(M, pg), dim3(pg.txp, pg.ry), 0, stream>>>(
+          static_cast<const T*>(grad), static_cast<const T*>(out), static_cast<const T*>(z),
+          static_cast<const A*>(mean), static_cast<const A*>(invstd), static_cast<const A*>(a),
+          static_cast<const A*>(b), static_cast<const A*>(c), static_cast<T*>(dz), static_cast<T*>(gres), M, K,
+          relu);
+    };
     constexpr int V = kVec<T>;
     const bool vec = K % V == 0 && aligned16(grad) && aligned16(out) && aligned16(z) && aligned16(dz) &&
                      aligned16(gres);
-    const int threads = 256;
-    auto args = [&](auto kernel, int64_t items) {
-      kernel<<<static_cast<unsigned>(grid_for(items, threads)), threads, 0, stream>>>(
-          static_cast<const T*>(grad), static_cast<const T*>(out), static_cast<const T*>(z),
-          static_cast<const A*>(mean), static_cast<const A*>(invstd), static_cast<const A*>(a),
-          static_cast<const A*>(b), static_cast<const A*>(c), static_cast<T*>(dz), static_cast<T*>(gres), items, K,
-          relu);
-    };
-    if (vec) args(bn_bwd_apply_kernel<T, A, V>, n / V);
-    else args(bn_bwd_apply_kernel<T, A, 1>, n);
+    if (vec) go(bn_bwd_apply_kernel<T, A, V>, V);
+    else go(bn_bwd_apply_kernel<T, A, 1>, 1);
     return cudaGetLastError();
   });
 }

@@ -63,6 +63,13 @@ bench() {  # bench NAME SECONDS run.py-args...
   grep -E "^\| resnet50|^\| (conv_bn_relu|add_relu)|failed" "$P/$name.log" | head -80
 }
 
+if [ "$STAGE" = numbers ] || [ "$STAGE" = host ]; then
+  # the BatchNorm kernels of both backends against float64, first (rewritten without a GPU at
+  # 2026-11-23: a wrong kernel would void the numbers after it); seconds
+  RESNET_FUSED_REQUIRE_CUDA_EXT=1 run bnk 90 python3 -m pytest -q -p no:cacheprovider tests/test_bn_kernels.py
+  tail -3 "$P/bnk.log"
+fi
+
 if [ "$STAGE" = numbers ]; then
   run warm 200 python3 scripts/warm_caches.py --compile --batches 1,256 --workers 13
   pkill -f warm_caches.py 2>/dev/null; pkill -f multiprocessing.spawn 2>/dev/null; tail -3 "$P/warm.log"; grep -A8 FAIL "$P/warm.log" | head -40
