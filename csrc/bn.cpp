@@ -1,6 +1,8 @@
 // resnet_fused_C::bn_* — the BatchNorm / residual / ReLU kernels of the CUDA backend of
 // conv_bn_relu (the convolution itself is ATen's, called from Python). Activations must be
 // NHWC-dense 4-D tensors; per-channel vectors are float32 (float64 for float64 activations).
+#include <limits>
+
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
@@ -41,6 +43,8 @@ std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& z, int64_t rows) {
   c10::cuda::CUDAGuard guard(z.device());
   const int64_t K = z.size(1), M = K ? z.numel() / K : 0;
   const int64_t G = std::max<int64_t>(1, (M + rows - 1) / rows);
+  TORCH_CHECK(G <= std::numeric_limits<int32_t>::max(), kOp, "_stats: ", G,
+              " partials exceed the kernel's grid; use more rows per partial");
   auto opts = z.options().dtype(acc_type(z)).memory_format(at::MemoryFormat::Contiguous);
   at::Tensor pm = at::empty({G, K}, opts), pm2 = at::empty({G, K}, opts);
   check_launch(launch_bn_stats(z.const_data_ptr(), pm.mutable_data_ptr(), pm2.mutable_data_ptr(), M, K, rows,

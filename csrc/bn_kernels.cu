@@ -45,6 +45,43 @@ inline PackGrid pack_grid(int64_t KP, int64_t max_txp) {
   return {static_cast<int>(txp), static_cast<int>(kThreads / txp), static_cast<unsigned>((KP + txp - 1) / txp)};
 }
 
+// Adds each thread's W sums a[] and b[] over the blockDim.y row-threads of its channel pack, as
+// a pairwise tree in shared memory: a fixed order (no dependence on scheduling; the bits do
+// depend on the block shape, so on the vector or scalar path), log2(rows) barrier steps, stored
+// channel-major (consecutive threads in consecutive banks). Every thread of the block calls it;
+// the totals land in the threads of row 0.
+template <typename A, int W>
+__device__ __forceinline__ void sum_over_rows(A (&a)[W], A (&b)[W], A* sh_a, A* sh_b) {
+  const int nx = blockDim.x, ny = blockDim.y, ty = threadIdx.y;
+  const int t = ty * nx + threadIdx.x;
+#pragma unroll
+  for (int j = 0; j < W; ++j) {
+    sh_a[j * kThreads + t] = a[j];
+    sh_b[j * kThreads + t] = b[j];
+  }
+  __syncthreads();
+  int span = 1;
+  while (span < ny) span <<= 1;
+  for (int step = span >> 1; step > 0; step >>= 1) {
+    if (ty < step && ty + step < ny) {
+      const int u = t + step * nx;
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        sh_a[j * kThreads + t] += sh_a[j * kThreads + u];
+        sh_b[j * kThreads + t] += sh_b[j * kThreads + u];
+      }
+    }
+    __syncthreads();
+  }
+  if (ty == 0) {
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      a[j] = sh_a[j * kThreads + t];
+      b[j] = sh_b[j * kThreads + t];
+    }
+  }
+}
+
 // ---- statistics -------------------------------------------------------------------------
 // Sums of (v - shift) and (v - shift)^2 with shift = the chunk's first value of the
 // channel: exact merging inside the chunk, and no E[z^2] - E[z]^2 cancellation.
@@ -76,23 +113,8 @@ __global__ void __launch_bounds__(kThreads) bn_stats_kernel(const T* __restrict_
       }
     }
   }
-  // the row-threads' sums, added in a fixed order by the threads of row 0
-  const int t = threadIdx.y * blockDim.x + threadIdx.x;
-#pragma unroll
-  for (int j = 0; j < W; ++j) {
-    sh_s[t * W + j] = s[j];
-    sh_ss[t * W + j] = ss[j];
-  }
-  __syncthreads();
+  sum_over_rows<A, W>(s, ss, sh_s, sh_ss);
   if (threadIdx.y == 0 && active) {
-    for (int i = 1; i < static_cast<int>(blockDim.y); ++i) {
-      const int u = (i * blockDim.x + threadIdx.x) * W;
-#pragma unroll
-      for (int j = 0; j < W; ++j) {
-        s[j] += sh_s[u + j];
-        ss[j] += sh_ss[u + j];
-      }
-    }
     const A n = static_cast<A>(r1 - r0);
 #pragma unroll
     for (int j = 0; j < W; ++j) {
@@ -237,22 +259,8 @@ __global__ void __launch_bounds__(kThreads) bn_bwd_reduce_kernel(const T* __rest
       }
     }
   }
-  const int t = threadIdx.y * blockDim.x + threadIdx.x;
-#pragma unroll
-  for (int j = 0; j < W; ++j) {
-    sh_s[t * W + j] = s[j];
-    sh_sz[t * W + j] = sz[j];
-  }
-  __syncthreads();
+  sum_over_rows<A, W>(s, sz, sh_s, sh_sz);
   if (threadIdx.y == 0 && active) {
-    for (int i = 1; i < static_cast<int>(blockDim.y); ++i) {
-      const int u = (i * blockDim.x + threadIdx.x) * W;
-#pragma unroll
-      for (int j = 0; j < W; ++j) {
-        s[j] += sh_s[u + j];
-        sz[j] += sh_sz[u + j];
-      }
-    }
 #pragma unroll
     for (int j = 0; j < W; ++j) {
       psum[g * K + k0 + j] = s[j];
