@@ -151,6 +151,19 @@ def time_graph(fn, iters, calls=10):
     return times, None
 
 
+def time_op(step, device, args, what):
+    """An op row's times: (times, timing, per-call median). On a GPU the times are GPU time from
+    graph replay (timing "graph"), or the per-call times where the step cannot be captured."""
+    times = time_fn(step, device, args.warmup, args.op_iters)
+    call_med = quantiles(times)[0]
+    if device.type == "cuda":
+        gtimes, why = time_graph(step, args.op_iters)
+        if gtimes is not None:
+            return gtimes, "graph", call_med
+        print(f"\nop {what}: not capturable ({why}); timed per call, host included")
+    return times, "call", call_med
+
+
 def quantiles(times):
     s = sorted(times)
     q = lambda p: s[min(len(s) - 1, max(0, round(p * (len(s) - 1))))]  # noqa: E731
@@ -392,16 +405,7 @@ def bench_ops(args, device, env, rows, progress):
                                    status=status, peak_tflops=_r1(peak_tf), peak_gbps=_r1(peak_gb))
                         if status == "ok":
                             try:
-                                times = time_fn(step, device, args.warmup, args.op_iters)
-                                call_med = quantiles(times)[0]
-                                timing = "call"
-                                if device.type == "cuda":
-                                    gtimes, why = time_graph(step, args.op_iters)
-                                    if gtimes is None:
-                                        print(f"\nop {L.name} {mode} {impl}: not capturable ({why}); "
-                                              "timed per call, host included")
-                                    else:
-                                        times, timing = gtimes, "graph"
+                                times, timing, call_med = time_op(step, device, args, f"{L.name} {mode} {impl}")
                                 med, p20, p80 = quantiles(times)
                                 mult = 3 if mode == "train-fwd-bwd" else 1
                                 row.update(ms_median=round(med, 4), ms_p20=round(p20, 4), ms_p80=round(p80, 4),
@@ -444,12 +448,7 @@ def _bench_add_relu(args, device, env, rows, progress, L, batch, dtype, dname, b
                 row = dict(env, layer=f"{L.name} output", op="add_relu", mode=mode, dtype=dname, batch=batch,
                            impl=impl, status=status, peak_tflops=_r1(peak_tf), peak_gbps=_r1(peak_gb))
                 if status == "ok":
-                    times = time_fn(step, device, args.warmup, args.op_iters)
-                    call_med, timing = quantiles(times)[0], "call"
-                    if device.type == "cuda":
-                        gtimes, why = time_graph(step, args.op_iters)
-                        if gtimes is not None:
-                            times, timing = gtimes, "graph"
+                    times, timing, call_med = time_op(step, device, args, f"add_relu {L.name} {mode} {impl}")
                     med, p20, p80 = quantiles(times)
                     moved = nbytes * (2 if mode == "fwd-bwd" else 1)  # backward: read grad and out, write grad
                     row.update(ms_median=round(med, 4), ms_p20=round(p20, 4), ms_p80=round(p80, 4), tflops=0.0,
