@@ -53,9 +53,12 @@ std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& z, int64_t rows) {
   return {pm, pm2};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize(
+// (mean, invstd, scale, shift, new_running_mean, new_running_var); scale / shift (the apply's
+// coefficients) only when affine, else empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> finalize(
     const at::Tensor& pm, const at::Tensor& pm2, int64_t rows, int64_t M, const std::optional<at::Tensor>& rm,
-    const std::optional<at::Tensor>& rv, double momentum, double eps) {
+    const std::optional<at::Tensor>& rv, const std::optional<at::Tensor>& gamma,
+    const std::optional<at::Tensor>& beta, double momentum, double eps, bool affine) {
   TORCH_CHECK(pm.is_cuda() && pm.dim() == 2 && pm.is_contiguous() && pm2.sizes() == pm.sizes() &&
                   pm2.is_contiguous() && pm2.scalar_type() == pm.scalar_type(),
               "resnet_fused_C::bn_finalize: partials must be two contiguous [G, K] CUDA tensors of one dtype");
@@ -71,6 +74,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize(
   c10::cuda::CUDAGuard guard(pm.device());
   const int64_t G = pm.size(0), K = pm.size(1);
   at::Tensor mean = at::empty({K}, pm.options()), invstd = at::empty({K}, pm.options());
+  const bool has_g = gamma.has_value() && gamma->defined(), has_b = beta.has_value() && beta->defined();
+  if (has_g) check_vec(*gamma, "gamma", K, pm.scalar_type(), pm);
+  if (has_b) check_vec(*beta, "beta", K, pm.scalar_type(), pm);
+  at::Tensor scale = at::empty({affine ? K : 0}, pm.options()), shift = at::empty({affine ? K : 0}, pm.options());
   at::Tensor nrm, nrv;
   DType run_dt = DType::Float32;
   if (update) {
@@ -90,9 +97,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize(
                                   invstd.mutable_data_ptr(), update ? rm->const_data_ptr() : nullptr,
                                   update ? rv->const_data_ptr() : nullptr, update ? nrm.mutable_data_ptr() : nullptr,
                                   update ? nrv.mutable_data_ptr() : nullptr, run_dt, momentum, eps,
-                                  pm.scalar_type() == at::kDouble, stream()),
+                                  pm.scalar_type() == at::kDouble, has_g ? gamma->const_data_ptr() : nullptr,
+                                  has_b ? beta->const_data_ptr() : nullptr, affine ? scale.mutable_data_ptr() : nullptr,
+                                  affine ? shift.mutable_data_ptr() : nullptr, stream()),
                "resnet_fused_C::bn_finalize");
-  return {mean, invstd, nrm, nrv};
+  return {mean, invstd, scale, shift, nrm, nrv};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize(
+    const at::Tensor& pm, const at::Tensor& pm2, int64_t rows, int64_t M, const std::optional<at::Tensor>& rm,
+    const std::optional<at::Tensor>& rv, double momentum, double eps) {
+  auto r = finalize(pm, pm2, rows, M, rm, rv, std::nullopt, std::nullopt, momentum, eps, false);
+  return {std::get<0>(r), std::get<1>(r), std::get<4>(r), std::get<5>(r)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_affine(
+    const at::Tensor& pm, const at::Tensor& pm2, int64_t rows, int64_t M, const std::optional<at::Tensor>& rm,
+    const std::optional<at::Tensor>& rv, const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& beta,
+    double momentum, double eps) {
+  return finalize(pm, pm2, rows, M, rm, rv, gamma, beta, momentum, eps, true);
 }
 
 }  // namespace
@@ -142,6 +165,40 @@ std::tuple<at::Tensor, at::Tensor> bn_bwd_reduce(const at::Tensor& grad, const a
   return {at::sum(ps, {0}), at::sum(psz, {0})};
 }
 
+// The reduction, then the per-channel backward terms in one small kernel (no at::sum, no [K]
+// arithmetic launches): (dgamma, dbeta, a, b, c), acc-typed (see launch_bn_bwd_coef).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_bwd_reduce_coef(
+    const at::Tensor& grad, const at::Tensor& out, const at::Tensor& z, const at::Tensor& mean,
+    const at::Tensor& invstd, const std::optional<at::Tensor>& gamma, bool relu) {
+  check_nhwc(grad, "grad", grad);
+  check_nhwc(out, "out", grad);
+  check_nhwc(z, "z", grad);
+  const int64_t K = grad.size(1), M = K ? grad.numel() / K : 0;
+  TORCH_CHECK(M > 0, kOp, "_bwd_reduce_coef: needs at least one row");
+  const auto acc = acc_type(grad);
+  check_vec(mean, "mean", K, acc, grad);
+  check_vec(invstd, "invstd", K, acc, grad);
+  const bool has_g = gamma.has_value() && gamma->defined();
+  if (has_g) check_vec(*gamma, "gamma", K, acc, grad);
+  c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t rows = reduce_rows(M);
+  const int64_t G = (M + rows - 1) / rows;
+  auto opts = mean.options();
+  at::Tensor ps = at::empty({G, K}, opts), psz = at::empty({G, K}, opts);
+  check_launch(launch_bn_bwd_reduce(grad.const_data_ptr(), out.const_data_ptr(), z.const_data_ptr(),
+                                    mean.const_data_ptr(), ps.mutable_data_ptr(), psz.mutable_data_ptr(), M, K,
+                                    rows, relu, kernel_dtype(grad, kOp), stream()),
+               "resnet_fused_C::bn_bwd_reduce_coef");
+  at::Tensor dgamma = at::empty({K}, opts), dbeta = at::empty({K}, opts), a = at::empty({K}, opts),
+             b = at::empty({K}, opts), c = at::empty({K}, opts);
+  check_launch(launch_bn_bwd_coef(ps.const_data_ptr(), psz.const_data_ptr(), G, K, M,
+                                  has_g ? gamma->const_data_ptr() : nullptr, invstd.const_data_ptr(),
+                                  dgamma.mutable_data_ptr(), dbeta.mutable_data_ptr(), a.mutable_data_ptr(),
+                                  b.mutable_data_ptr(), c.mutable_data_ptr(), acc == at::kDouble, stream()),
+               "resnet_fused_C::bn_bwd_reduce_coef");
+  return {dgamma, dbeta, a, b, c};
+}
+
 std::tuple<at::Tensor, at::Tensor> bn_bwd_apply(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& z,
                                                 const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& a,
                                                 const std::optional<at::Tensor>& b,
@@ -179,8 +236,12 @@ TORCH_LIBRARY_FRAGMENT(resnet_fused_C, m) {
   m.def("bn_stats(Tensor z, int rows) -> (Tensor, Tensor)");
   m.def("bn_finalize(Tensor pmean, Tensor pm2, int rows, int M, Tensor? running_mean, Tensor? running_var, "
         "float momentum, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("bn_finalize_affine(Tensor pmean, Tensor pm2, int rows, int M, Tensor? running_mean, Tensor? running_var, "
+        "Tensor? gamma, Tensor? beta, float momentum, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("bn_apply(Tensor z, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> Tensor");
   m.def("bn_bwd_reduce(Tensor grad, Tensor out, Tensor z, Tensor mean, bool relu) -> (Tensor, Tensor)");
+  m.def("bn_bwd_reduce_coef(Tensor grad, Tensor out, Tensor z, Tensor mean, Tensor invstd, Tensor? gamma, "
+        "bool relu) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("bn_bwd_apply(Tensor grad, Tensor out, Tensor z, Tensor mean, Tensor invstd, Tensor a, Tensor? b, "
         "Tensor? c, bool relu, bool store_gres) -> (Tensor, Tensor)");
 }
@@ -188,8 +249,10 @@ TORCH_LIBRARY_FRAGMENT(resnet_fused_C, m) {
 TORCH_LIBRARY_IMPL(resnet_fused_C, CUDA, m) {
   m.impl("bn_stats", &bn_stats);
   m.impl("bn_finalize", &bn_finalize);
+  m.impl("bn_finalize_affine", &bn_finalize_affine);
   m.impl("bn_apply", &bn_apply);
   m.impl("bn_bwd_reduce", &bn_bwd_reduce);
+  m.impl("bn_bwd_reduce_coef", &bn_bwd_reduce_coef);
   m.impl("bn_bwd_apply", &bn_bwd_apply);
 }
 

@@ -131,7 +131,8 @@ template <typename A, typename R>
 __global__ void bn_finalize_kernel(const A* __restrict__ pmean, const A* __restrict__ pm2, int64_t G, int64_t K,
                                    int64_t M, int64_t rows, A* __restrict__ mean_out, A* __restrict__ invstd_out,
                                    const R* __restrict__ rm, const R* __restrict__ rv, R* __restrict__ nrm,
-                                   R* __restrict__ nrv, A momentum, A eps) {
+                                   R* __restrict__ nrv, A momentum, A eps, const A* __restrict__ gamma,
+                                   const A* __restrict__ beta, A* __restrict__ scale, A* __restrict__ shift) {
   __shared__ A sh[TY][TX];
   __shared__ A sh_mean[TX];
   const int64_t k = static_cast<int64_t>(blockIdx.x) * TX + threadIdx.x;
@@ -165,14 +166,59 @@ __global__ void bn_finalize_kernel(const A* __restrict__ pmean, const A* __restr
     A t = 0;
     for (int i = 0; i < TY; ++i) t += sh[i][threadIdx.x];
     const A var = t / static_cast<A>(M);  // biased: used to normalise
+    const A istd = A(1) / sqrt(var + eps);
     mean_out[k] = mean;
-    invstd_out[k] = A(1) / sqrt(var + eps);
+    invstd_out[k] = istd;
+    if (scale != nullptr) {  // the apply's coefficients: scale = gamma * invstd, shift = beta - mean * scale
+      const A sc = (gamma != nullptr ? gamma[k] : A(1)) * istd;
+      scale[k] = sc;
+      shift[k] = (beta != nullptr ? beta[k] : A(0)) - mean * sc;
+    }
     if (nrm != nullptr) {
       // As F.batch_norm: running = (1 - momentum) * running + momentum * batch (unbiased var).
       const A unbiased = var * static_cast<A>(M) / static_cast<A>(M - 1);
       nrm[k] = cast_to<R>((A(1) - momentum) * load_as<A>(rm + k) + momentum * mean);
       nrv[k] = cast_to<R>((A(1) - momentum) * load_as<A>(rv + k) + momentum * unbiased);
     }
+  }
+}
+
+// The backward's per-channel coefficients from bn_bwd_reduce's G partial sums (fixed order): with
+// sum_gy = sum(gy), sum_gyz = sum(gy * (z - mean)) over all M rows,
+//   dbeta = sum_gy, dgamma = sum_gyz * invstd, a = gamma * invstd, b = -a / M * dgamma, c = -a / M * dbeta
+// (dz = a * gy + b * (z - mean) * invstd + c: the BatchNorm input gradient with batch statistics).
+template <typename A>
+__global__ void bn_bwd_coef_kernel(const A* __restrict__ ps, const A* __restrict__ psz, int64_t G, int64_t K,
+                                   int64_t M, const A* __restrict__ gamma, const A* __restrict__ invstd,
+                                   A* __restrict__ dgamma, A* __restrict__ dbeta, A* __restrict__ a_out,
+                                   A* __restrict__ b_out, A* __restrict__ c_out) {
+  __shared__ A sh_s[TY][TX];
+  __shared__ A sh_z[TY][TX];
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * TX + threadIdx.x;
+  A s = 0, sz = 0;
+  if (k < K)
+    for (int64_t g = threadIdx.y; g < G; g += TY) {
+      s += ps[g * K + k];
+      sz += psz[g * K + k];
+    }
+  sh_s[threadIdx.y][threadIdx.x] = s;
+  sh_z[threadIdx.y][threadIdx.x] = sz;
+  __syncthreads();
+  if (threadIdx.y == 0 && k < K) {
+    A t = 0, tz = 0;
+    for (int i = 0; i < TY; ++i) {
+      t += sh_s[i][threadIdx.x];
+      tz += sh_z[i][threadIdx.x];
+    }
+    const A istd = invstd[k];
+    const A dg = tz * istd;
+    const A a = (gamma != nullptr ? gamma[k] : A(1)) * istd;
+    const A coef = a * (A(-1) / static_cast<A>(M));
+    dbeta[k] = t;
+    dgamma[k] = dg;
+    a_out[k] = a;
+    b_out[k] = coef * dg;
+    c_out[k] = coef * t;
   }
 }
 
@@ -344,7 +390,8 @@ cudaError_t launch_bn_stats(const void* z, void* pmean, void* pm2, int64_t M, in
 
 cudaError_t launch_bn_finalize(const void* pmean, const void* pm2, int64_t G, int64_t K, int64_t M, int64_t rows,
                                void* mean, void* invstd, const void* rm, const void* rv, void* nrm, void* nrv,
-                               DType run_dtype, double momentum, double eps, bool acc_f64, cudaStream_t stream) {
+                               DType run_dtype, double momentum, double eps, bool acc_f64, const void* gamma,
+                               const void* beta, void* scale, void* shift, cudaStream_t stream) {
   if (K == 0) return cudaSuccess;
   auto go = [&](auto a) {
     using A = decltype(a);
@@ -353,9 +400,25 @@ cudaError_t launch_bn_finalize(const void* pmean, const void* pm2, int64_t G, in
       bn_finalize_kernel<A, R><<<static_cast<unsigned>((K + TX - 1) / TX), dim3(TX, TY), 0, stream>>>(
           static_cast<const A*>(pmean), static_cast<const A*>(pm2), G, K, M, rows, static_cast<A*>(mean),
           static_cast<A*>(invstd), static_cast<const R*>(rm), static_cast<const R*>(rv), static_cast<R*>(nrm),
-          static_cast<R*>(nrv), static_cast<A>(momentum), static_cast<A>(eps));
+          static_cast<R*>(nrv), static_cast<A>(momentum), static_cast<A>(eps), static_cast<const A*>(gamma),
+          static_cast<const A*>(beta), static_cast<A*>(scale), static_cast<A*>(shift));
       return cudaGetLastError();
     });
+  };
+  return acc_f64 ? go(double{}) : go(float{});
+}
+
+cudaError_t launch_bn_bwd_coef(const void* ps, const void* psz, int64_t G, int64_t K, int64_t M, const void* gamma,
+                               const void* invstd, void* dgamma, void* dbeta, void* a, void* b, void* c, bool acc_f64,
+                               cudaStream_t stream) {
+  if (K == 0) return cudaSuccess;
+  auto go = [&](auto t) {
+    using A = decltype(t);
+    bn_bwd_coef_kernel<A><<<static_cast<unsigned>((K + TX - 1) / TX), dim3(TX, TY), 0, stream>>>(
+        static_cast<const A*>(ps), static_cast<const A*>(psz), G, K, M, static_cast<const A*>(gamma),
+        static_cast<const A*>(invstd), static_cast<A*>(dgamma), static_cast<A*>(dbeta), static_cast<A*>(a),
+        static_cast<A*>(b), static_cast<A*>(c));
+    return cudaGetLastError();
   };
   return acc_f64 ? go(double{}) : go(float{});
 }

@@ -29,11 +29,14 @@ cudaError_t launch_bn_stats(const void* z, void* pmean, void* pm2, int64_t M, in
                             cudaStream_t stream);
 
 // Chan merge of the partials into mean and 1/sqrt(var + eps); when running_mean is not
-// null also writes the updated running statistics (momentum, unbiased variance) to new_*.
+// null also writes the updated running statistics (momentum, unbiased variance) to new_*; when
+// scale is not null also the apply's scale = gamma * invstd and shift = beta - mean * scale
+// (gamma / beta: acc-typed [K], null for 1 / 0).
 cudaError_t launch_bn_finalize(const void* pmean, const void* pm2, int64_t G, int64_t K, int64_t M, int64_t rows,
                                void* mean, void* invstd, const void* running_mean, const void* running_var,
                                void* new_running_mean, void* new_running_var, DType run_dtype, double momentum,
-                               double eps, bool acc_f64, cudaStream_t stream);
+                               double eps, bool acc_f64, const void* gamma, const void* beta, void* scale,
+                               void* shift, cudaStream_t stream);
 
 // out = relu?(z * scale[k] + shift[k] + residual?)
 cudaError_t launch_bn_apply(const void* z, const void* scale, const void* shift, const void* residual, void* out,
@@ -43,6 +46,13 @@ cudaError_t launch_bn_apply(const void* z, const void* scale, const void* shift,
 cudaError_t launch_bn_bwd_reduce(const void* grad, const void* out, const void* z, const void* mean, void* psum,
                                  void* psumz, int64_t M, int64_t K, int64_t rows, bool relu, DType dtype,
                                  cudaStream_t stream);
+
+// The backward's per-channel terms from bn_bwd_reduce's G partials (acc-typed, gamma null for 1):
+// dbeta = sum(gy), dgamma = sum(gy * (z - mean)) * invstd, a = gamma * invstd,
+// b = -a / M * dgamma, c = -a / M * dbeta.
+cudaError_t launch_bn_bwd_coef(const void* psum, const void* psumz, int64_t G, int64_t K, int64_t M, const void* gamma,
+                               const void* invstd, void* dgamma, void* dbeta, void* a, void* b, void* c, bool acc_f64,
+                               cudaStream_t stream);
 
 // dz = a[k] * gy + (b ? b[k] * (z - mean[k]) * invstd[k] + c[k] : 0); gres = gy when not null.
 cudaError_t launch_bn_bwd_apply(const void* grad, const void* out, const void* z, const void* mean,

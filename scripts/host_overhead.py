@@ -8,9 +8,11 @@ relu on the same tiny problem, for the custom-op path and the eager fast path
 
 * ``--device cuda``: real kernels on a problem so small (batch 2, 8 channels, 1x1 conv, 4x4) that the GPU
   work is negligible: wall time per call = host time.
-* ``--device cpu`` (no GPU needed): the CUDA backend's Python path on CPU tensors with the
-  extension's kernels replaced by stubs that only allocate their outputs; the conv itself is
-  ATen's on the CPU (tiny). Host costs on a GPU are higher per ATen op (kernel launches), so
+* ``--device cpu`` (no GPU needed): the CUDA backend's host path on CPU tensors, with CPU
+  implementations of the extension's kernel ops that only allocate their outputs (C++:
+  scripts/host_overhead_stubs.cpp, compiled on first use); the conv itself is ATen's on the CPU
+  (tiny). The training step is timed through the C++ path (csrc/conv_bn_train.cpp) and through
+  the Python orchestration it replaced. Host costs on a GPU are higher per ATen op (kernel launches), so
   read the CPU figures as a lower bound and as a comparison between paths.
 
     python scripts/host_overhead.py [--device cpu|cuda] [--backend cuda|triton] [--iters N]
@@ -18,6 +20,7 @@ relu on the same tiny problem, for the custom-op path and the eager fast path
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import subprocess
 import time
@@ -26,34 +29,16 @@ import torch
 import torch.nn.functional as F
 
 
-class _StubKernels:
-    """resnet_fused_C's kernels as output allocations only (CPU tensors)."""
+def _load_cpu_stubs():
+    """CPU implementations of the extension's kernel ops that only allocate their outputs
+    (scripts/host_overhead_stubs.cpp, compiled on first use: about half a minute)."""
 
-    def bn_stats(self, z, rows):
-        K = z.shape[1]
-        G = -(-(z.numel() // K) // rows)
-        return torch.empty(G, K), torch.empty(G, K)
 
-    def bn_finalize(self, pm, pm2, rows, M, rm, rv, momentum, eps):
-        K = pm.shape[1]
-        return [torch.empty(K), torch.empty(K), torch.empty(K), torch.empty(K)]
+    from torch.utils import cpp_extension
 
-    def bn_apply(self, z, scale, shift, res, relu):
-        return torch.empty_like(z)
-
-    def bn_bwd_reduce(self, g, out, z, mean, relu):
-        return [torch.empty(z.shape[1]), torch.empty(z.shape[1])]
-
-    def bn_bwd_apply(self, g, out, z, mean, invstd, a, b, c, relu, store):
-        return torch.empty_like(g), (torch.empty_like(g) if store else torch.empty(0))
-
-    def conv_bias_act(self, x, w, b, res, stride, padding, dilation, groups, relu):
-        from resnet_fused.ops.conv_bn_relu import _out_size
-
-        N, _, H, W = x.shape
-        K, _, R, S = w.shape
-        P, Q = _out_size(H, W, R, S, stride, padding, dilation)
-        return torch.empty((N, K, P, Q), memory_format=torch.channels_last), 0
+    here = os.path.dirname(os.path.abspath(__file__))
+    cpp_extension.load(name="resnet_fused_host_stubs", sources=[os.path.join(here, "host_overhead_stubs.cpp")],
+                       extra_cflags=["-O2"], is_python_module=False, verbose=False)
 
 
 def _per_call_us(fn, iters, sync):
@@ -88,7 +73,7 @@ def main(argv=None):
     dev = args.device
     backend = args.backend
     if dev == "cpu" and backend == "cuda":
-        cuda_impl._ops = _StubKernels()  # the CUDA backend's Python path over stub kernels
+        _load_cpu_stubs()  # the CUDA backend's host path (Python and C++) over stub kernels
         real_resolve = _backends.resolve
 
         def resolve(op, t, **kw):
@@ -124,12 +109,18 @@ def main(argv=None):
     rows = [("eager", "train fwd+bwd", _per_call_us(eager_train, args.iters, sync)),
             ("eager", "eval fwd", _per_call_us(eager_eval, args.iters, sync))]
     with resnet_fused.use_backend(backend):
-        for direct in (False, True):
+        paths = [(False, True), (True, True)] + ([(True, False)] if backend == "cuda" else [])
+        for direct, cpp in paths:
             _common.DIRECT[0] = direct
+            cuda_impl.CPP_TRAIN[0] = cpp
             name = f"fused-{backend} {'fast path' if direct else 'custom op'}"
+            if backend == "cuda":
+                name += ", training in C++" if cpp else ", training in Python"
             rows.append((name, "train fwd+bwd", _per_call_us(fused_train, args.iters, sync)))
-            rows.append((name, "eval fwd", _per_call_us(fused_eval, args.iters, sync)))
+            if cpp or backend != "cuda":  # (eval is the same call either way)
+                rows.append((name, "eval fwd", _per_call_us(fused_eval, args.iters, sync)))
     _common.DIRECT[0] = True
+    cuda_impl.CPP_TRAIN[0] = True
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

@@ -132,3 +132,57 @@ def test_cuda_statistics_against_float64(case, dtype, misaligned):
                                    msg=f"invstd M={M} K={K}")
         torch.testing.assert_close(nrv.double().cpu(), 0.9 + 0.1 * zd.var(0, unbiased=True), rtol=10 * tol,
                                    atol=10 * tol)
+
+
+
+def _close(got, want, atol, rtol, what):
+    """|got - want| <= atol + rtol |want| elementwise, atol a number or a per-element tensor."""
+    err = (got.double().cpu() - want).abs()
+    bad = err > atol + rtol * want.abs()
+    assert not bad.any(), f"{what}: {int(bad.sum())} of {bad.numel()} off; worst error {err.max().item():.3g}"
+
+
+@pytest.mark.parametrize("case", [p for p in CASES if p.values[0][0] == "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_cuda_training_path_coefficients_against_float64(case, dtype):
+    # the kernels of the C++ training path (csrc/conv_bn_train.cpp): the finalize that also writes
+    # the apply's scale / shift, and the backward reduction followed by its per-channel terms
+    _impl("cuda")
+    ops = torch.ops.resnet_fused_C
+    g = torch.Generator().manual_seed(2)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    for M, K in [(37, 7), (3001, 64), (70000, 64), (129, 264)]:
+        z = _nhwc(M, K, dtype, "cuda", g)
+        z.mul_(0.5).add_(3.0)
+        rows = max(256, -(-M // 512))
+        pm, pm2 = ops.bn_stats(z, rows)
+        zd = _mat(z)
+        mu, var = zd.mean(0), zd.var(0, unbiased=False)
+        istd = (var + 1e-5).rsqrt()
+        gamma = (torch.rand(K, generator=g, dtype=torch.float64) + 0.5)
+        beta = torch.randn(K, generator=g, dtype=torch.float64)
+        for affine in (True, False):
+            gm, bt = (gamma.to("cuda", acc), beta.to("cuda", acc)) if affine else (None, None)
+            mean, invstd, scale, shift, nrm, nrv = ops.bn_finalize_affine(pm, pm2, rows, M, None, None, gm, bt, 0.1,
+                                                                          1e-5)
+            assert nrm.numel() == 0 and nrv.numel() == 0
+            sc = istd * (gamma if affine else 1)
+            _close(scale, sc, 10 * tol, 10 * tol, f"scale M={M} K={K}")
+            _close(shift, (beta if affine else 0) - mu * sc, 10 * tol * (1 + (mu * sc).abs()), 10 * tol,
+                   f"shift M={M} K={K}")
+        # backward: the sums of gy and gy * (z - mean) (ReLU mask from out), then the terms
+        grad = _nhwc(M, K, dtype, "cuda", g)
+        out = _nhwc(M, K, dtype, "cuda", g)
+        mean_t, invstd_t = mu.to("cuda", acc), istd.to("cuda", acc)
+        gd, od = _mat(grad), _mat(out)
+        gy = gd * (od > 0)
+        s, sz = gy.sum(0), (gy * (zd - mean_t.double().cpu())).sum(0)
+        dgamma, dbeta, a, b, c = ops.bn_bwd_reduce_coef(grad, out, z, mean_t, invstd_t, gamma.to("cuda", acc), True)
+        i = invstd_t.double().cpu()
+        scl = gy.abs().sum(0) * (1 + zd.abs().max().item()) + 1e-6
+        want_a = gamma * i
+        for name, got, want, atol in (("dbeta", dbeta, s, 1e-5 * scl), ("dgamma", dgamma, sz * i, 1e-5 * scl * i),
+                                      ("a", a, want_a, 1e-6), ("b", b, -want_a / M * sz * i, 1e-5 * scl * i / M),
+                                      ("c", c, -want_a / M * s, 1e-5 * scl / M)):
+            _close(got, want, atol, 1e-5, f"{name} M={M} K={K}")

@@ -87,6 +87,6 @@ def direct_ok(*tensors) -> bool:
             or torch._C._get_tracing_state() is not None):  # torch.jit.trace / legacy ONNX export
         return False
     for t in tensors:
-        if t is not None and (type(t) not in _PLAIN or t.device.type == "meta"):
+        if t is not None and (type(t) not in _PLAIN or t.is_meta):
             return False
     return True

@@ -124,14 +124,28 @@ def main():
                 mean, invstd = np.empty(K, acc), np.empty(K, acc)
                 rm, rv = rng.standard_normal(K).astype(np.float32), (rng.random(K) + 0.5).astype(np.float32)
                 nrm, nrv = np.empty(K, np.float32), np.empty(K, np.float32)
+                # the apply's coefficients too (affine: given gamma / beta, or absent: 1 / 0), or not asked for
+                affine = rows % 2 == 1
+                gamma = (rng.random(K) + 0.5).astype(acc) if rows == 1 else None
+                beta = rng.standard_normal(K).astype(acc) if rows == 1 else None
+                scale, shift = np.full(K, SENTINEL, acc), np.full(K, SENTINEL, acc)
                 assert lib.emu_bn_finalize(ptr(pm), ptr(pm2), i64(G), i64(K), i64(M), i64(rows), ptr(mean),
                                            ptr(invstd), ptr(rm), ptr(rv), ptr(nrm), ptr(nrv), 0,
-                                           ctypes.c_double(0.1), ctypes.c_double(1e-5), int(acc is np.float64)) == 0
+                                           ctypes.c_double(0.1), ctypes.c_double(1e-5), int(acc is np.float64),
+                                           ptr(gamma), ptr(beta), ptr(scale) if affine else None,
+                                           ptr(shift) if affine else None) == 0
                 var = zsv.var(0)
                 check(mean, zsv.mean(0), 1e-5, f"mean M={M} K={K} rows={rows}")
                 check(invstd, 1 / np.sqrt(var + 1e-5), 1e-4, f"invstd M={M} K={K} rows={rows}")
                 check(nrm, 0.9 * rm + 0.1 * zsv.mean(0), 1e-5, "running mean")
                 check(nrv, 0.9 * rv + 0.1 * var * M / (M - 1), 1e-4, "running var")
+                if affine:
+                    sc = (gamma if gamma is not None else 1.0) / np.sqrt(var + 1e-5)
+                    check(scale, sc, 1e-4, f"scale M={M} K={K} rows={rows}")
+                    sh = (beta if beta is not None else 0.0) - zsv.mean(0) * sc
+                    check(shift, sh, 1e-4 * (1 + np.abs(zsv.mean(0) * sc)), f"shift M={M} K={K} rows={rows}")
+                else:
+                    check(scale, np.full(K, SENTINEL), 0, "scale untouched")
         # backward: the reduction (ReLU mask from the output) and the elementwise pass
         grad, gv = mk(M, K, mis, specials=True)
         outb, ov = mk(M, K, specials=True)
@@ -150,6 +164,25 @@ def main():
                     sl = slice(g * rows, (g + 1) * rows)
                     check(ps.reshape(G, K)[g], gy[sl].sum(0), 1e-4, f"bwd_reduce sum g={g} rows={rows}")
                     check(psz.reshape(G, K)[g], (gy[sl] * (zbv[sl] - mean)).sum(0), 1e-4, f"bwd_reduce sum z g={g}")
+        # the per-channel backward terms from G partial sums (finite ones: a fixed-order sum over G)
+        for G, has_gamma in ((1, False), (5, True), (40, True)):
+            ps, psz = rng.standard_normal((G, K)).astype(acc), rng.standard_normal((G, K)).astype(acc)
+            gam = (rng.random(K) + 0.5).astype(acc) if has_gamma else None
+            outs = [np.full(K, SENTINEL, acc) for _ in range(5)]
+            assert lib.emu_bn_bwd_coef(ptr(ps), ptr(psz), i64(G), i64(K), i64(M), ptr(gam), ptr(invstd),
+                                       *map(ptr, outs), int(acc is np.float64)) == 0
+            dgamma, dbeta, ca, cb, cc = outs
+            s_gy, s_gyz = ps.astype(np.float64).sum(0), psz.astype(np.float64).sum(0)
+            wa = (gam if has_gamma else 1.0) * invstd
+            eps_sum = (1e-12 if acc is np.float64 else 1e-6) * G  # the sum's rounding, absolute (O(1) terms)
+            check(dbeta, s_gy, eps_sum, f"bwd_coef dbeta G={G}")
+            check(dgamma, s_gyz * invstd, eps_sum * invstd, f"bwd_coef dgamma G={G}")
+            check(ca, wa, 1e-6, "bwd_coef a")
+            check(cb, -wa / M * s_gyz * invstd, 2 * eps_sum * wa / M * invstd + 1e-6 * np.abs(wa / M * s_gyz * invstd),
+                  "bwd_coef b")
+            check(cc, -wa / M * s_gy, 2 * eps_sum * wa / M + 1e-6 * np.abs(wa / M * s_gy), "bwd_coef c")
+        for relu in (0, 1):
+            gy = np.where(ov <= 0, 0.0, gv) if relu else gv  # as threshold_backward: NaN passes
             for train, store in itertools.product((False, True), (False, True)):
                 dz, gres = alloc(M * K, dt, mis), (alloc(M * K, dt, mis) if store else None)
                 assert lib.emu_bn_bwd_apply(ptr(grad), ptr(outb) if relu else None, ptr(zb) if train else None,

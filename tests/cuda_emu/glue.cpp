@@ -21,9 +21,13 @@ int emu_bn_stats(const void* z, void* pm, void* pm2, int64_t M, int64_t K, int64
 }
 int emu_bn_finalize(const void* pm, const void* pm2, int64_t G, int64_t K, int64_t M, int64_t rows, void* mean,
                     void* invstd, const void* rm, const void* rv, void* nrm, void* nrv, int run_dt, double momentum,
-                    double eps, int acc_f64) {
+                    double eps, int acc_f64, const void* gamma, const void* beta, void* scale, void* shift) {
   return launch_bn_finalize(pm, pm2, G, K, M, rows, mean, invstd, rm, rv, nrm, nrv, DType(run_dt), momentum, eps,
-                            acc_f64 != 0, nullptr);
+                            acc_f64 != 0, gamma, beta, scale, shift, nullptr);
+}
+int emu_bn_bwd_coef(const void* ps, const void* psz, int64_t G, int64_t K, int64_t M, const void* gamma,
+                    const void* invstd, void* dgamma, void* dbeta, void* a, void* b, void* c, int acc_f64) {
+  return launch_bn_bwd_coef(ps, psz, G, K, M, gamma, invstd, dgamma, dbeta, a, b, c, acc_f64 != 0, nullptr);
 }
 int emu_bn_apply(const void* z, const void* scale, const void* shift, const void* res, void* out, int64_t M,
                  int64_t K, int relu, int dt) {

@@ -102,6 +102,9 @@ def _fwd_op(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Opt
 def _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation, groups,
              training, momentum, eps, relu, store_z, allow_tf32, backend, sync_group):
     _backends.note(OP, backend)
+    if training and backend == "cuda" and not sync_group and _cuda_impl.CPP_TRAIN[0]:
+        return _cuda_impl.train_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride,
+                                        padding, dilation, groups, momentum, eps, relu)
     B = _IMPLS[backend]
     N, C, H, W = x.shape
     K, _, R, S = weight.shape
@@ -170,6 +173,9 @@ def _bwd_op(grad: Tensor, x: Tensor, weight: Tensor, bn_weight: Optional[Tensor]
 def _backward_impl(grad, x, weight, bn_weight, z, out, mean, invstd, stride, padding, dilation, groups, training,
                    relu, output_mask, backend, sync_group):
     _backends.note(OP + "_backward", backend)
+    if training and backend == "cuda" and not sync_group and _cuda_impl.CPP_TRAIN[0]:
+        return _cuda_impl.train_backward(grad, x, weight, bn_weight, z, out, mean, invstd, stride, padding, dilation,
+                                         groups, relu, output_mask)
     B = _IMPLS[backend]
     need_dx, need_dw, need_dg, need_db, need_dr = output_mask
     K = weight.shape[0]

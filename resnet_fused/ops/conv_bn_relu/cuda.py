@@ -37,6 +37,29 @@ def conv_fwd(x, weight, K, P, Q, stride, padding, dilation, groups, *, training,
                               apply=bn_apply)
 
 
+# The training path: one C++ call per direction (csrc/conv_bn_train.cpp) runs the conv, the
+# statistics, the finalize, the per-channel arithmetic and the apply (backward: the sums, the
+# coefficients, the elementwise gradient and the conv gradients), in the same order as the
+# Python orchestration in __init__.py, whose host time it saves. Noted under this name.
+TRAIN_PATH = "conv_bn_train/cuda"
+# Off (scripts/host_overhead.py compares the two): the Python orchestration, as the other backends.
+CPP_TRAIN = [True]
+
+
+def train_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation,
+                  groups, momentum, eps, relu):
+    _backends.note(TRAIN_PATH, "c++")
+    return tuple(_C().conv_bn_train(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride,
+                                    padding, dilation, groups, momentum, eps, relu))
+
+
+def train_backward(grad, x, weight, bn_weight, z, out, mean, invstd, stride, padding, dilation, groups, relu,
+                   output_mask):
+    _backends.note(TRAIN_PATH + "_backward", "c++")
+    return tuple(_C().conv_bn_train_backward(grad, x, weight, bn_weight, z, out, mean, invstd, stride, padding,
+                                             dilation, groups, relu, output_mask))
+
+
 def _stats(z):
     # At least 256 rows (output pixels) per statistics partial, and at most 512 partials:
     # enough blocks to fill the GPU, few enough that the finalize's loop over them is short.
