@@ -110,6 +110,10 @@ if [ "$STAGE" = host ]; then  # docs/perf.md lead 9
     run "prof_$1_$2" 45 python3 scripts/profile_step.py --impl "$1" --mode "$2" --top 25
     head -1 "$P/prof_$1_$2.log"
   done
+  # lead 9 step 3: the same step through the Python orchestration (launch count and wall time)
+  run prof_fused-cuda_train_python 45 python3 scripts/profile_step.py --impl fused-cuda --mode train --top 25 \
+    --cuda-train-path python
+  head -1 "$P/prof_fused-cuda_train_python.log"
 fi
 
 if [ "$STAGE" = suite ] || [ "$STAGE" = infer ]; then

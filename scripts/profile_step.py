@@ -27,7 +27,12 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--cuda-train-path", default="c++", choices=["c++", "python"],
+                    help="fused-cuda training: the C++ layer calls (default) or the Python orchestration")
     a = ap.parse_args()
+    from resnet_fused.ops.conv_bn_relu import cuda as cuda_impl
+
+    cuda_impl.CPP_TRAIN[0] = a.cuda_train_path == "c++"
     torch.manual_seed(0)
     m = torchvision.models.resnet50().cuda().to(memory_format=torch.channels_last)
     if a.impl.startswith("fused-"):
@@ -66,11 +71,14 @@ def main():
             torch.cuda.synchronize()
     ka = prof.key_averages()
     # kernels only: an op's event carries its kernels' device time too
-    gpu = sum(e.self_device_time_total for e in ka
-              if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA) / 1e3
+    on_gpu = [e for e in ka if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    gpu = sum(e.self_device_time_total for e in on_gpu) / 1e3
+    launches = sum(e.count for e in on_gpu)  # kernels, copies and fills run in the step
     table = ka.table(sort_by="self_device_time_total", row_limit=a.top, max_name_column_width=90)
     head = (f"{a.impl} {a.mode} b{a.batch} bf16: wall {wall:.2f} ms/step (unprofiled, mean of 5); "
-            f"GPU kernel time in the profiled step {gpu:.2f} ms; {torch.cuda.get_device_name()}, torch {torch.__version__}")
+            f"GPU kernel time in the profiled step {gpu:.2f} ms over {launches} kernels / copies"
+            f"{'' if a.impl != 'fused-cuda' or a.mode != 'train' else f' (training layers: {a.cuda_train_path})'}; "
+            f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(head)
     print(table)
     if a.out:

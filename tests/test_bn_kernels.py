@@ -164,9 +164,14 @@ def test_cuda_training_path_coefficients_against_float64(case, dtype):
         beta = torch.randn(K, generator=g, dtype=torch.float64)
         for affine in (True, False):
             gm, bt = (gamma.to("cuda", acc), beta.to("cuda", acc)) if affine else (None, None)
-            mean, invstd, scale, shift, nrm, nrv = ops.bn_finalize_affine(pm, pm2, rows, M, None, None, gm, bt, 0.1,
-                                                                          1e-5)
-            assert nrm.numel() == 0 and nrv.numel() == 0
+            # with running statistics in the affine case (fp32 buffers, as a BatchNorm module's), without otherwise
+            rm, rv = (torch.zeros(K, device="cuda"), torch.ones(K, device="cuda")) if affine else (None, None)
+            mean, invstd, scale, shift, nrm, nrv = ops.bn_finalize_affine(pm, pm2, rows, M, rm, rv, gm, bt, 0.1, 1e-5)
+            if affine:
+                _close(nrm, 0.1 * mu, 1e-6, 1e-5, f"running mean M={M}")
+                _close(nrv, 0.9 + 0.1 * zd.var(0, unbiased=True), 1e-5, 1e-5, f"running var M={M}")
+            else:
+                assert nrm.numel() == 0 and nrv.numel() == 0
             sc = istd * (gamma if affine else 1)
             _close(scale, sc, 10 * tol, 10 * tol, f"scale M={M} K={K}")
             _close(shift, (beta if affine else 0) - mu * sc, 10 * tol * (1 + (mu * sc).abs()), 10 * tol,
@@ -178,11 +183,13 @@ def test_cuda_training_path_coefficients_against_float64(case, dtype):
         gd, od = _mat(grad), _mat(out)
         gy = gd * (od > 0)
         s, sz = gy.sum(0), (gy * (zd - mean_t.double().cpu())).sum(0)
-        dgamma, dbeta, a, b, c = ops.bn_bwd_reduce_coef(grad, out, z, mean_t, invstd_t, gamma.to("cuda", acc), True)
         i = invstd_t.double().cpu()
         scl = gy.abs().sum(0) * (1 + zd.abs().max().item()) + 1e-6
-        want_a = gamma * i
-        for name, got, want, atol in (("dbeta", dbeta, s, 1e-5 * scl), ("dgamma", dgamma, sz * i, 1e-5 * scl * i),
-                                      ("a", a, want_a, 1e-6), ("b", b, -want_a / M * sz * i, 1e-5 * scl * i / M),
-                                      ("c", c, -want_a / M * s, 1e-5 * scl / M)):
-            _close(got, want, atol, 1e-5, f"{name} M={M} K={K}")
+        for gm in (gamma, None):  # (no affine weight: the kernel reads 1)
+            dgamma, dbeta, a, b, c = ops.bn_bwd_reduce_coef(grad, out, z, mean_t, invstd_t,
+                                                            None if gm is None else gm.to("cuda", acc), True)
+            want_a = (1 if gm is None else gm) * i
+            for name, got, want, atol in (("dbeta", dbeta, s, 1e-5 * scl), ("dgamma", dgamma, sz * i, 1e-5 * scl * i),
+                                          ("a", a, want_a, 1e-6), ("b", b, -want_a / M * sz * i, 1e-5 * scl * i / M),
+                                          ("c", c, -want_a / M * s, 1e-5 * scl / M)):
+                _close(got, want, atol, 1e-5, f"{name} M={M} K={K} gamma={gm is not None}")

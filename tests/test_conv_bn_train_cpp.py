@@ -33,8 +33,26 @@ from test_conv_bn_relu import make
 pytestmark = pytest.mark.skipif(not _ext.LOADED and not REQUIRE_EXT, reason=f"CUDA extension not loaded: {_ext.ERROR}")
 
 
+# The stand-ins check their arguments as the CUDA ops do (bn.cpp): activations channels_last-dense
+# of one shape and dtype, per-channel vectors contiguous [K] in the accumulator dtype, so that an
+# argument the GPU would refuse fails here too.
+def _acc(t):
+    return R.acc_dtype(t.dtype)
+
+
+def _nhwc(t, like, name):
+    assert t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last), f"{name}: not NHWC-dense {t.stride()}"
+    assert t.shape == like.shape and t.dtype == like.dtype, f"{name}: {t.shape} {t.dtype} vs {like.shape} {like.dtype}"
+
+
+def _vec(v, K, dtype, name):
+    assert v.dim() == 1 and v.shape[0] == K and v.is_contiguous(), f"{name}: not a contiguous [{K}] vector"
+    assert v.dtype == dtype, f"{name}: {v.dtype}, expected {dtype}"
+
+
 def _stats(z, rows):
-    zm = R._mk(z).to(R.acc_dtype(z.dtype))
+    _nhwc(z, z, "z")
+    zm = R._mk(z).to(_acc(z))
     M, K = zm.shape
     G = max(1, -(-M // rows))
     pm, pm2 = zm.new_empty(G, K), zm.new_empty(G, K)
@@ -45,7 +63,14 @@ def _stats(z, rows):
     return pm, pm2
 
 
-def _finalize(pm, pm2, rows, M, rm, rv, gamma, beta, momentum, eps):
+def _finalize_affine(pm, pm2, rows, M, rm, rv, gamma, beta, momentum, eps):
+    K = pm.shape[1]
+    for v, name in ((gamma, "gamma"), (beta, "beta")):
+        if v is not None:
+            _vec(v, K, pm.dtype, name)
+    if rm is not None:
+        _vec(rm, K, rm.dtype, "running_mean")
+        _vec(rv, K, rm.dtype, "running_var")
     mean, invstd, nrm, nrv = R.bn_finalize(pm, pm2, rows, M, rm, rv, momentum, eps)
     scale = invstd * (gamma if gamma is not None else 1)
     shift = (beta if beta is not None else 0) - mean * scale
@@ -53,21 +78,56 @@ def _finalize(pm, pm2, rows, M, rm, rv, gamma, beta, momentum, eps):
     return mean, invstd, scale, shift, (e if nrm is None else nrm), (e.clone() if nrv is None else nrv)
 
 
+def _finalize(pm, pm2, rows, M, rm, rv, momentum, eps):  # the Python orchestration's
+    mean, invstd, _, _, nrm, nrv = _finalize_affine(pm, pm2, rows, M, rm, rv, None, None, momentum, eps)
+    return mean, invstd, nrm, nrv
+
+
+def _apply(z, scale, shift, residual, relu):
+    _nhwc(z, z, "z")
+    _vec(scale, z.shape[1], _acc(z), "scale")
+    _vec(shift, z.shape[1], _acc(z), "shift")
+    if residual is not None:
+        _nhwc(residual, z, "residual")
+    return R.bn_apply(z, scale, shift, residual, relu)
+
+
+def _bwd_reduce(grad, out, z, mean, relu):
+    for t, name in ((grad, "grad"), (out, "out"), (z, "z")):
+        _nhwc(t, grad, name)
+    _vec(mean, grad.shape[1], _acc(grad), "mean")
+    return R.bn_bwd_reduce(grad, out, z, mean, relu)
+
+
 def _bwd_reduce_coef(grad, out, z, mean, invstd, gamma, relu):
-    sum_gy, sum_gyz = R.bn_bwd_reduce(grad, out, z, mean, relu)
-    M = grad.numel() // grad.shape[1]
+    K = grad.shape[1]
+    _vec(invstd, K, _acc(grad), "invstd")
+    if gamma is not None:
+        _vec(gamma, K, _acc(grad), "gamma")
+    sum_gy, sum_gyz = _bwd_reduce(grad, out, z, mean, relu)
+    M = grad.numel() // K
     dgamma = sum_gyz * invstd
     a = invstd * (gamma if gamma is not None else 1)
     return dgamma, sum_gy, a, -a / M * dgamma, -a / M * sum_gy
 
 
 def _bwd_apply(grad, out, z, mean, invstd, a, b, c, relu, store_gres):
+    K = grad.shape[1]
+    _nhwc(grad, grad, "grad")
+    if relu:
+        _nhwc(out, grad, "out")
+    _vec(a, K, _acc(grad), "a")
+    if b is not None:
+        _nhwc(z, grad, "z")
+        for v, name in ((b, "b"), (c, "c"), (mean, "mean"), (invstd, "invstd")):
+            _vec(v, K, _acc(grad), name)
     dz, gres = R.bn_bwd_apply(grad, out, z, mean, invstd, a, b, c, relu, store_gres)
     return dz, (grad.new_empty(0) if gres is None else gres)
 
 
-_CPU_KERNELS = {"bn_stats": _stats, "bn_finalize_affine": _finalize, "bn_apply": R.bn_apply,
-                "bn_bwd_reduce_coef": _bwd_reduce_coef, "bn_bwd_apply": _bwd_apply}
+_CPU_KERNELS = {"bn_stats": _stats, "bn_finalize_affine": _finalize_affine, "bn_finalize": _finalize,
+                "bn_apply": _apply, "bn_bwd_reduce": _bwd_reduce, "bn_bwd_reduce_coef": _bwd_reduce_coef,
+                "bn_bwd_apply": _bwd_apply}
 
 
 @contextlib.contextmanager
@@ -230,3 +290,70 @@ def test_bad_input_and_missing_kernels_raise_clearly():
     # without CPU BatchNorm kernels (as in production): the dispatcher names the missing one
     with pytest.raises(NotImplementedError, match="bn_stats"):
         torch.ops.resnet_fused_C.conv_bn_train(*args)
+
+
+# name: (x dtype, BatchNorm parameter / running-statistic dtype, variant)
+_PARITY = {
+    "fp32": (torch.float32, torch.float32, ""),
+    "fp64": (torch.float64, torch.float64, ""),
+    "fp64-fp32-params": (torch.float64, torch.float32, ""),
+    "bf16-bf16-params": (torch.bfloat16, torch.bfloat16, ""),  # model.to(bfloat16)
+    "bf16-fp32-params": (torch.bfloat16, torch.float32, ""),  # autocast
+    "fp16": (torch.float16, torch.float16, ""),
+    "fp32-no-affine": (torch.float32, torch.float32, "no-affine"),
+    "fp32-weight-only": (torch.float32, torch.float32, "weight-only"),
+    "fp32-no-running": (torch.float32, torch.float32, "no-running"),
+    "fp32-nchw-x-cl-weight": (torch.float32, torch.float32, "nchw"),
+    "fp32-1x1-output-nchw": (torch.float32, torch.float32, "1x1-out"),  # canonical_cl's re-view
+}
+
+
+@pytest.mark.parametrize("case", list(_PARITY))
+@pytest.mark.parametrize("relu,residual", [(True, True), (False, False)], ids=["relu-res", "plain"])
+def test_cpp_and_python_orchestration_agree(case, relu, residual, monkeypatch):
+    """The same layer through the C++ calls and through the Python orchestration they replace (both
+    over the stand-ins): the same values, dtypes and strides in all eleven outputs, none aliasing."""
+    from resnet_fused.ops import conv_bn_relu as CBR
+
+    dt, pdt, variant = _PARITY[case]
+    geom = (8, 8, 3, 3, 3, 1, 0, 1, 1) if variant == "1x1-out" else (8, 16, 5, 6, 3, 2, 1, 1, 2)
+    x, w, bn, res, conv = make(geom, "cpu", torch.float64, N=3, residual=residual)
+    bn = {k: (v.to(pdt) if v is not None else None) for k, v in bn.items()}
+    if variant == "no-affine":
+        bn.update(bn_weight=None, bn_bias=None)
+    if variant == "weight-only":
+        bn.update(bn_bias=None)
+    if variant == "no-running":
+        bn.update(running_mean=None, running_var=None)
+    x, w = x.to(dt), w.to(dt)
+    res = res.to(dt) if res is not None else None  # NCHW-contiguous, as make() builds it
+    if variant in ("nchw", "1x1-out"):
+        x, w = x.contiguous(), w.contiguous(memory_format=torch.channels_last)
+    s, p, d, g = ([conv["stride"]] * 2, [conv["padding"]] * 2, [conv["dilation"]] * 2, conv["groups"])
+    gout = None
+    results = {}
+    with cpu_bn_kernels():
+        for cpp in (True, False):
+            monkeypatch.setattr(cuda_impl, "CPP_TRAIN", [cpp])
+            c = {k: (v.clone() if v is not None else None) for k, v in bn.items()}
+            with resnet_fused.dispatch_trace() as trace:
+                f = CBR._forward(x, w, c["bn_weight"], c["bn_bias"], c["running_mean"], c["running_var"], res, s, p,
+                                 d, g, True, 0.1, 1e-5, relu, True, False, "cuda", 0)
+                if gout is None:
+                    gout = torch.randn(f[0].shape, generator=torch.Generator().manual_seed(3)).to(dt)
+                    if variant == "1x1-out":
+                        gout = gout.contiguous()  # an NCHW gradient of a 1x1 output
+                mask = [True, True, bn["bn_weight"] is not None, bn["bn_bias"] is not None, residual]
+                b = CBR._backward_impl(gout, x, w, c["bn_weight"], f[1], f[0], f[2], f[3], s, p, d, g, True, relu, mask,
+                                       "cuda", 0)
+            assert ((cuda_impl.TRAIN_PATH, "c++") in trace) == cpp
+            results[cpp] = list(f) + list(b)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dt, 1e-2)
+    names = ["out", "z", "mean", "invstd", "new_rm", "new_rv", "dx", "dw", "dgamma", "dbeta", "dres"]
+    for name, a, e in zip(names, results[True], results[False]):
+        assert (a.shape, a.dtype) == (e.shape, e.dtype), (name, a.shape, a.dtype, e.shape, e.dtype)
+        assert a.stride() == e.stride(), (name, a.stride(), e.stride())
+        assert_close(a, e, tol, tol, name)
+    for outs in (results[True][:6], results[True][6:]):
+        live = [t.data_ptr() for t in outs if t.numel()]
+        assert len(set(live)) == len(live), "outputs share memory"
