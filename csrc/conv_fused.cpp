@@ -11,8 +11,10 @@
 //     fused entry points do not take the deterministic flag);
 //   * a geometry or dtype for which cuDNN finds no fused engine: the first refusal of a
 //     signature is remembered, so the failed plan search is paid once per signature.
-// The second output says which path ran (0: cuDNN fused, 1: conv + epilogue), for tests and
-// resnet_fused.explain().
+// Without a bias, a residual or a ReLU (the eval downsample branch, whose BatchNorm shift the
+// models add to the block's last conv instead) it is the convolution alone, no epilogue pass.
+// The second output says which path ran (0: cuDNN fused, 1: conv + epilogue, 2: conv alone), for
+// tests and resnet_fused.explain().
 #include <mutex>
 #include <set>
 #include <vector>
@@ -22,6 +24,7 @@
 #include <ATen/ops/cudnn_convolution_add_relu.h>
 #include <ATen/ops/cudnn_convolution_relu.h>
 #include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "bn.h"
@@ -42,7 +45,8 @@ std::vector<int64_t> signature(const at::Tensor& x, const at::Tensor& w, bool ha
   return s;
 }
 
-std::tuple<at::Tensor, int64_t> conv_bias_act(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+std::tuple<at::Tensor, int64_t> conv_bias_act(const at::Tensor& x, const at::Tensor& w,
+                                              const std::optional<at::Tensor>& bias_in,
                                               const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                               bool relu) {
@@ -51,15 +55,23 @@ std::tuple<at::Tensor, int64_t> conv_bias_act(const at::Tensor& x, const at::Ten
               ": weight must be 4-D, on x's device, of x's dtype");
   const int64_t K = w.size(0);
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == K && bias.is_contiguous() && bias.scalar_type() == acc &&
-                  bias.device() == x.device(),
-              kOp, ": bias must be a contiguous [", K, "] ", acc, " tensor on x's device");
+  const bool has_res = residual.has_value() && residual->defined();
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, kOp,
               ": stride, padding and dilation must have two entries");
-  const bool has_res = residual.has_value() && residual->defined();
   if (has_res)
     TORCH_CHECK(residual->scalar_type() == x.scalar_type() && residual->device() == x.device(), kOp,
                 ": residual must have x's dtype and device");
+  const bool has_bias = bias_in.has_value() && bias_in->defined();
+  if (!has_bias && !relu && !has_res) {  // the convolution alone
+    c10::cuda::CUDAGuard guard(x.device());
+    return {at::convolution(x, w, std::nullopt, stride, padding, dilation, false, {0, 0}, groups)
+                .contiguous(at::MemoryFormat::ChannelsLast),
+            2};
+  }
+  const at::Tensor bias = has_bias ? *bias_in : at::zeros({K}, x.options().dtype(acc));
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == K && bias.is_contiguous() && bias.scalar_type() == acc &&
+                  bias.device() == x.device(),
+              kOp, ": bias must be a contiguous [", K, "] ", acc, " tensor on x's device");
   c10::cuda::CUDAGuard guard(x.device());
   auto& ctx = at::globalContext();
   const auto dt = x.scalar_type();
@@ -98,7 +110,7 @@ std::tuple<at::Tensor, int64_t> conv_bias_act(const at::Tensor& x, const at::Ten
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(resnet_fused_C, m) {
-  m.def("conv_bias_act(Tensor x, Tensor weight, Tensor bias, Tensor? residual, int[] stride, int[] padding, "
+  m.def("conv_bias_act(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[] stride, int[] padding, "
         "int[] dilation, int groups, bool relu) -> (Tensor, int)");
 }
 

@@ -134,3 +134,50 @@ def test_bad_input_to_the_compiled_op():
         op(x, w, bias[:-1], None, [1, 1], [1, 1], [1, 1], 1, True)
     with pytest.raises(RuntimeError, match="weight must be 4-D"):
         op(x, w.float(), bias, None, [1, 1], [1, 1], [1, 1], 1, True)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_without_bias_residual_or_relu_the_conv_alone(dtype):
+    # the eval downsample branch (its BatchNorm shift goes to the block's last conv): cuDNN's conv,
+    # no epilogue pass; with a residual or ReLU but no bias, a zero bias
+    _skip_without_ext()
+    dt = DTYPES[dtype]
+    x, w, bias, r, conv = make("3x3s2+res", dt)
+    zero = torch.zeros_like(bias)
+    with resnet_fused.use_backend("cuda"), resnet_fused.dispatch_trace() as trace:
+        out = conv_affine_act(x, w, None, None, None, conv["stride"], conv["padding"], conv["dilation"],
+                              conv["groups"], False)
+        out_r = conv_affine_act(x, w, None, None, r, conv["stride"], conv["padding"], conv["dilation"],
+                                conv["groups"], True)
+    assert [b for op, b in trace if op == FUSED_PATH][0] == "conv-only", trace
+    check(out, x, w, zero, None, conv, False, dt)
+    check(out_r, x, w, zero, r, conv, True, dt)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_resnet50_eval_downsample_runs_as_the_conv_alone(backend):
+    # the model's eval path: each of ResNet-50's four downsample convs without a bias pass (cuda:
+    # "conv-only"), the logits as torchvision's in bf16 (relative to PyTorch's own error)
+    _skip_without_ext()
+    import torchvision
+
+    torch.manual_seed(0)
+    theirs = torchvision.models.resnet50().cuda().eval().to(memory_format=torch.channels_last)
+    for m in theirs.modules():  # non-trivial running statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.1)
+    ours = resnet_fused.fuse(__import__("copy").deepcopy(theirs))
+    x = torch.randn(2, 3, 96, 96, device="cuda").to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        truth = theirs.double()(x.double())
+        theirs.float()
+        with torch.autocast("cuda", torch.bfloat16):
+            ref = theirs(x).float()
+            with resnet_fused.use_backend(backend), resnet_fused.dispatch_trace() as trace:
+                got = ours(x).float()
+    if backend == "cuda":
+        assert [b for op, b in trace if op == FUSED_PATH].count("conv-only") == 4, trace
+    e_ours, e_torch = (got.double() - truth).abs().max().item(), (ref.double() - truth).abs().max().item()
+    assert e_ours <= 2 * e_torch + 1e-3 * truth.abs().max().item(), (e_ours, e_torch)

@@ -716,3 +716,72 @@ def test_block_keeps_an_nchw_input_nchw():
     xc = x.to(memory_format=torch.channels_last)
     with resnet_fused.use_backend("reference"):
         assert block_o(xc).is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("case", BACKEND_DEVICE)
+def test_eval_downsample_shift_joins_the_last_conv(case, monkeypatch):
+    # eval without gradients: a downsample block's shortcut conv runs with no bias, and its
+    # BatchNorm shift is added to the last conv's bias (one pass less over the shortcut on cuDNN)
+    from resnet_fused.models import resnet as R
+    from resnet_fused.ops.conv_bn_relu.inference import fold_bn
+
+    backend, device = case
+    torch.manual_seed(0)
+    theirs = nn.Sequential(tvr.Bottleneck(8, 4, stride=2, downsample=nn.Sequential(
+        nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))), tvr.BasicBlock(16, 16)).to(device)
+    for m in theirs.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.3)
+            m.running_var.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.3)
+    theirs.eval()
+    ours = resnet_fused.fuse(copy.deepcopy(theirs))
+    calls = []
+    real = R.conv_affine_act
+
+    def spy(x, w, scale, shift, residual, *rest):
+        calls.append((tuple(w.shape), shift, residual is not None))
+        return real(x, w, scale, shift, residual, *rest)
+
+    monkeypatch.setattr(R, "conv_affine_act", spy)
+    x = torch.randn(2, 8, 9, 9, device=device).to(memory_format=torch.channels_last)
+    with torch.no_grad(), resnet_fused.use_backend(backend):
+        got = ours(x)
+    rel_close(got, theirs(x))
+    blk = ours[0]
+    ds_call = [c for c in calls if c[0] == tuple(blk.downsample[0].weight.shape)]
+    assert len(ds_call) == 1 and ds_call[0][1] is None and not ds_call[0][2]  # no bias, no residual
+    _, b3 = fold_bn(blk.conv3.weight, blk.bn3.weight, blk.bn3.bias, blk.bn3.running_mean, blk.bn3.running_var,
+                    blk.bn3.eps, torch.float32)
+    _, bds = fold_bn(blk.downsample[0].weight, blk.downsample[1].weight, blk.downsample[1].bias,
+                     blk.downsample[1].running_mean, blk.downsample[1].running_var, blk.downsample[1].eps,
+                     torch.float32)
+    last = [c for c in calls if c[2]][0]  # the first call with a residual: the Bottleneck's conv3
+    assert last[0] == tuple(blk.conv3.weight.shape)
+    torch.testing.assert_close(last[1], b3 + bds)
+    # the identity block (no downsample) and the gradient path are as before
+    assert len(calls) == 3 + 1 + 2
+    xg = x.clone().requires_grad_()
+    calls.clear()
+    with resnet_fused.use_backend(backend):
+        out = ours(xg)
+    assert calls == []  # a gradient is needed: conv_bn_relu, not the folded path
+    rel_close(out.detach(), theirs(x))
+
+
+@pytest.mark.parametrize("case", BACKEND_DEVICE)
+def test_conv_affine_act_without_a_bias(case):
+    from resnet_fused.ops.conv_bn_relu.inference import conv_affine_act
+
+    backend, device = case
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 7, 7, generator=g).to(device).to(memory_format=torch.channels_last)
+    w = torch.randn(16, 8, 3, 3, generator=g).to(device).to(memory_format=torch.channels_last) * 0.2
+    r = torch.randn(2, 16, 4, 4, generator=g).to(device)
+    z = F.conv2d(x, w, None, 2, 1)
+    with torch.no_grad(), resnet_fused.use_backend(backend):
+        alone = conv_affine_act(x, w, None, None, None, (2, 2), (1, 1), (1, 1), 1, False)
+        with_res = conv_affine_act(x, w, None, None, r, (2, 2), (1, 1), (1, 1), 1, True)
+    assert alone.is_contiguous(memory_format=torch.channels_last)
+    assert_close(alone, z, 1e-4, 1e-4, "conv alone")
+    assert_close(with_res, torch.relu(z + r), 1e-4, 1e-4, "no bias, residual, ReLU")

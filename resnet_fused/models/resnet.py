@@ -130,9 +130,11 @@ def clear_fold_cache(model: Optional[nn.Module] = None) -> None:
     the version counters: call this after them."""
     if model is None:
         _FOLD_CACHE.clear()
+        _SUM_CACHE.clear()
         return
     for m in model.modules():
         _FOLD_CACHE.pop(m, None)
+        _SUM_CACHE.pop(m, None)
 
 
 def _folded(conv, bn, dtype):
@@ -170,28 +172,45 @@ def _no_autocast(x):
     return torch.autocast(x.device.type, enabled=False)
 
 
-def conv_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor, residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
-    """``relu?(bn(conv(x)) + residual?)`` through the fused operators (the pair must be fusable)."""
-    use_batch, momentum, rm, rv = _bn_state(bn)
-    g, b = _bn_weight(bn)
+def _fold_dtype(conv: nn.Conv2d, bn: nn.Module, x: Tensor, residual: Optional[Tensor] = None):
+    """The dtype in which this pair runs with its BatchNorm folded (eval, running statistics, no
+    gradient needed), or None when it runs as ``conv_bn_relu``."""
+    # (as _bn_state decides, without its side effect: it is only called in training)
+    use_batch = not isinstance(bn, FrozenBatchNorm2d) and (
+        bn.training or (bn.running_mean is None and bn.running_var is None))
+    if use_batch or _grad_needed(x, conv, bn, residual):
+        return None
+    if x.dim() != 4 or x.shape[1] != conv.in_channels:
+        return None
+    dt = _autocast_dtype(x)
+    if dt is None:  # no autocast: conv2d's own dtype rule
+        dt = x.dtype
+        if x.dtype != conv.weight.dtype and x.is_floating_point():
+            raise RuntimeError(f"Input type ({x.dtype}) and weight type ({conv.weight.dtype}) should be the same")
+    if dt not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        return None
+    return dt
+
+
+def _name_layer(conv):
     if _select.RECORDER is not None:  # resnet_fused.explain(): name the layer of the next decision
         _select.RECORDER.layer = _select.RECORDER.names.get(id(conv), "?")
-    if (not use_batch and not _grad_needed(x, conv, bn, residual) and x.dim() == 4
-            and x.shape[1] == conv.in_channels):
-        dt = _autocast_dtype(x)
-        if dt is None:  # no autocast: conv2d's own dtype rule
-            dt = x.dtype
-            if x.dtype != conv.weight.dtype and x.is_floating_point():
-                raise RuntimeError(f"Input type ({x.dtype}) and weight type ({conv.weight.dtype}) should be the same")
-        if dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-            w, bias = _folded(conv, bn, dt)
-            if x.dtype != dt:
-                x = x.to(dt)
-            if residual is not None and residual.dtype != dt:
-                residual = residual.to(dt)
-            if residual is None or residual.dtype == dt:
-                return conv_affine_act(x, w, None, bias, residual, conv.stride, conv.padding, conv.dilation,
-                                       conv.groups, relu)
+
+
+def conv_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor, residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+    """``relu?(bn(conv(x)) + residual?)`` through the fused operators (the pair must be fusable)."""
+    _name_layer(conv)
+    dt = _fold_dtype(conv, bn, x, residual)
+    if dt is not None:
+        w, bias = _folded(conv, bn, dt)
+        if x.dtype != dt:
+            x = x.to(dt)
+        if residual is not None and residual.dtype != dt:
+            residual = residual.to(dt)
+        return conv_affine_act(x, w, None, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups,
+                               relu)
+    use_batch, momentum, rm, rv = _bn_state(bn)
+    g, b = _bn_weight(bn)
     group = _group_of(bn) if use_batch and type(bn) in (nn.SyncBatchNorm, SyncBatchNorm2d) else None
     return conv_bn_relu(x, conv.weight, g, b, rm, rv, stride=conv.stride, padding=conv.padding,
                         dilation=conv.dilation, groups=conv.groups, training=use_batch, momentum=momentum,
@@ -204,6 +223,40 @@ def _downsample(ds: Optional[nn.Module], x: Tensor) -> Tensor:
     if isinstance(ds, nn.Sequential) and len(ds) == 2 and _fusable(ds[0], ds[1]):
         return conv_bn(ds[0], ds[1], x, relu=False)
     return ds(x)
+
+
+# The eval bias of a block's last conv with its downsample's BatchNorm shift added, per last conv.
+_SUM_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _summed_bias(conv, bias, ds_bias):
+    if torch.compiler.is_compiling():
+        return bias + ds_bias
+    c = _SUM_CACHE.get(conv)
+    if c is None or c[0]() is not bias or c[1]() is not ds_bias:  # (the folded biases are cached objects)
+        c = (weakref.ref(bias), weakref.ref(ds_bias), bias + ds_bias)
+        _SUM_CACHE[conv] = c
+    return c[2]
+
+
+def _block_tail(conv: nn.Conv2d, bn: nn.Module, out: Tensor, ds: Optional[nn.Module], x: Tensor) -> Tensor:
+    """A block's last conv + BatchNorm + shortcut + ReLU. In eval without gradients, with a fusable
+    downsample, the downsample conv runs without a bias and its BatchNorm shift joins the last
+    conv's bias (``relu(conv(out) + b + conv_ds(x) + b_ds)``): on the CUDA backend the downsample
+    is then cuDNN's conv alone instead of a conv and a bias pass over its output."""
+    if isinstance(ds, nn.Sequential) and len(ds) == 2 and _fusable(ds[0], ds[1]):
+        dt = _fold_dtype(ds[0], ds[1], x)
+        if dt is not None and _fold_dtype(conv, bn, out, x) == dt:
+            w_ds, b_ds = _folded(ds[0], ds[1], dt)
+            w, b = _folded(conv, bn, dt)
+            c = ds[0]
+            _name_layer(c)
+            identity = conv_affine_act(x.to(dt), w_ds, None, None, None, c.stride, c.padding, c.dilation, c.groups,
+                                       False)
+            _name_layer(conv)
+            return conv_affine_act(out.to(dt), w, None, _summed_bias(conv, b, b_ds), identity, conv.stride,
+                                   conv.padding, conv.dilation, conv.groups, True)
+    return conv_bn(conv, bn, out, residual=_downsample(ds, x), relu=True)
 
 
 def _like_input(out: Tensor, x: Tensor) -> Tensor:
@@ -223,8 +276,7 @@ class BasicBlock(tvr.BasicBlock):
         if not (_fusable(self.conv1, self.bn1) and _fusable(self.conv2, self.bn2)) or _global_hooks():
             return super().forward(x)
         out = conv_bn(self.conv1, self.bn1, x, relu=True)
-        identity = _downsample(self.downsample, x)
-        return _like_input(conv_bn(self.conv2, self.bn2, out, residual=identity, relu=True), x)
+        return _like_input(_block_tail(self.conv2, self.bn2, out, self.downsample, x), x)
 
 
 class Bottleneck(tvr.Bottleneck):
@@ -236,8 +288,7 @@ class Bottleneck(tvr.Bottleneck):
             return super().forward(x)
         out = conv_bn(self.conv1, self.bn1, x, relu=True)
         out = conv_bn(self.conv2, self.bn2, out, relu=True)
-        identity = _downsample(self.downsample, x)
-        return _like_input(conv_bn(self.conv3, self.bn3, out, residual=identity, relu=True), x)
+        return _like_input(_block_tail(self.conv3, self.bn3, out, self.downsample, x), x)
 
 
 _BLOCKS = {tvr.BasicBlock: BasicBlock, tvr.Bottleneck: Bottleneck}

@@ -21,7 +21,8 @@ def _C():
 
 
 # The eval path with the BatchNorm folded into the weight runs as one cuDNN fused call where
-# cuDNN takes it (csrc/conv_fused.cpp); which path ran is noted under this name.
+# cuDNN takes it, as the conv alone without a bias, residual or ReLU (csrc/conv_fused.cpp); which
+# path ran is noted under this name.
 FUSED_PATH = "conv_affine_act/cuda"
 
 
@@ -30,7 +31,7 @@ def conv_fwd(x, weight, K, P, Q, stride, padding, dilation, groups, *, training,
     if not training and scale is None and not store_z:
         out, path = _C().conv_bias_act(x, weight, shift, residual, list(stride), list(padding), list(dilation),
                                        groups, relu)
-        _backends.note(FUSED_PATH, "cudnn-fused" if path == 0 else "conv+epilogue")
+        _backends.note(FUSED_PATH, ("cudnn-fused", "conv+epilogue", "conv-only")[path])
         return out, None, None, None, 0
     return reference.conv_fwd(x, weight, K, P, Q, stride, padding, dilation, groups, training=training, scale=scale,
                               shift=shift, residual=residual, relu=relu, store_z=store_z, ieee=ieee, stats=_stats,

@@ -38,7 +38,7 @@ def fold_bn(weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tenso
     return w, bias.contiguous()
 
 
-def _run(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Tensor, residual: Optional[Tensor],
+def _run(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], residual: Optional[Tensor],
          stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool, allow_tf32: bool,
          backend: str) -> Tensor:
     from . import _IMPLS, _in_layout, _out_size
@@ -52,6 +52,8 @@ def _run(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Tensor, resi
         if residual is not None:
             residual = _in_layout(residual, residual.shape, CL)
         w = weight.permute(0, 2, 3, 1).contiguous() if backend == "triton" else weight
+        if shift is None and backend == "triton":  # (the kernel's epilogue always adds one)
+            shift = torch.zeros(K, dtype=acc_dtype(x.dtype), device=x.device)
         out, _, _, _, _ = _IMPLS[backend].conv_fwd(x, w, K, P, Q, stride, padding, dilation, groups, training=False,
                                                    scale=scale, shift=shift, residual=residual, relu=relu,
                                                    ieee=not allow_tf32)
@@ -59,10 +61,11 @@ def _run(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Tensor, resi
 
 
 @torch.library.custom_op("resnet_fused::conv_affine_act", mutates_args=())
-def conv_affine_act_op(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Tensor, residual: Optional[Tensor],
+def conv_affine_act_op(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                       residual: Optional[Tensor],
                        stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
                        allow_tf32: bool, backend: str) -> Tensor:
-    """relu?(conv(x, weight) * scale? + shift + residual?), output channels_last."""
+    """relu?(conv(x, weight) * scale? + shift? + residual?), output channels_last."""
     return _run(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, allow_tf32, backend)
 
 
@@ -76,18 +79,20 @@ def _(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu
     return torch.empty((N, K, P, Q), dtype=x.dtype, device=x.device, memory_format=CL)
 
 
-def conv_affine_act(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Tensor, residual: Optional[Tensor],
-                    stride, padding, dilation, groups: int, relu: bool) -> Tensor:
+def conv_affine_act(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                    residual: Optional[Tensor], stride, padding, dilation, groups: int, relu: bool) -> Tensor:
     """Inference-only fused conv; arguments as :func:`conv_bn_relu` after :func:`fold_bn`
-    (callers validate shapes: the models do so through the module structure)."""
+    (callers validate shapes: the models do so through the module structure). ``shift`` None:
+    no bias (with no residual and no ReLU, the convolution alone)."""
     from .._common import conv_allows_tf32, direct_ok
 
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     allow_tf32 = conv_allows_tf32() and x.device.type == "cuda"
     key = runner = None
     if (x.device.type in _backends._SELECT_DEVICES and _backends.get_backend() == "auto") or _select.RECORDER is not None:
-        key = _select.conv_key(OP, x, weight, stride, padding, dilation, groups, residual is not None, relu, False,
-                               allow_tf32)
+        # (without a bias the candidates do different work: a signature of its own)
+        key = _select.conv_key(OP if shift is not None else OP + ":no-bias", x, weight, stride, padding, dilation,
+                               groups, residual is not None, relu, False, allow_tf32)
 
         def runner(b):  # this call on backend b (a fresh output each run)
             return lambda: _run(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu,

@@ -53,6 +53,10 @@ def conv_fwd(x, weight, K, P, Q, stride, padding, dilation, groups, *, training,
     if training:
         pm, pm2, rows = stats(z)
         return None, z, pm, pm2, rows
+    if shift is None and residual is None and not relu:  # the conv alone (no bias)
+        return z, (z if store_z else None), None, None, 0
+    if shift is None:
+        shift = torch.zeros(K, dtype=acc_dtype(x.dtype), device=x.device)
     if scale is None:  # folded into the weight: shift is the bias
         scale = torch.ones_like(shift)
     out = (apply or bn_apply)(z, scale, shift, residual, relu)
