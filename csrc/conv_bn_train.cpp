@@ -148,13 +148,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train(
 // in training; entries not asked for in output_mask come back empty.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train_backward(
     const Tensor& grad_in, const Tensor& x, const Tensor& w, const OptTensor& bn_weight, const Tensor& z,
-    const Tensor& out, const Tensor& mean, const Tensor& invstd, at::IntArrayRef stride, at::IntArrayRef padding,
+    const Tensor& out_in, const Tensor& mean, const Tensor& invstd, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, bool relu, std::array<bool, 5> mask) {
   check_args(x, w, stride, padding, dilation);
   at::OptionalDeviceGuard guard(at::device_of(x));
   const auto [need_dx, need_dw, need_dg, need_db, need_dr] = mask;
   const auto acc = mean.scalar_type();
   const Tensor grad = canonical_cl(grad_in);
+  // out is the ReLU's mask; without a ReLU the forward's caller need not keep it (nor is it read)
+  const Tensor& out = relu ? out_in : grad;
   TORCH_CHECK(z.numel() == grad.numel() && z.numel() > 0, kOp,
               "_backward: needs the conv output, which the forward did not save");
   // dbeta = sum(gy), dgamma = sum(gy * xhat); dz = a * gy + b * xhat + c (a = gamma * invstd,

@@ -550,3 +550,25 @@ def test_two_level_statistics_merge(case, monkeypatch):
         exp, bn_e = ref(x, w, bn, res, conv, training=True)
         assert_close(out, exp, *_tol(dt))
         assert_close(bn_o["running_var"], bn_e["running_var"], *_tol(dt))
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["fast-path", "custom-op"])
+def test_output_kept_for_backward_only_as_the_relu_mask(direct, monkeypatch):
+    # without a ReLU the forward keeps no reference to its output (a downsample's output, the next
+    # op's residual, is freed once that op has run, as in eager); with one it keeps the output
+    from resnet_fused.ops import _common
+
+    monkeypatch.setattr(_common, "DIRECT", [direct])
+    x, w, bn, _, conv = make("3x3s2", "cpu", residual=False)
+    x.requires_grad_()
+    for relu in (False, True):
+        out = conv_bn_relu(x, w, bn["bn_weight"], bn["bn_bias"], bn["running_mean"].clone(),
+                           bn["running_var"].clone(), training=True, relu=relu, **conv)
+        saved = [t for t in out.grad_fn.saved_tensors if t is not None]
+        keeps_out = any(t.data_ptr() == out.data_ptr() for t in saved)
+        assert keeps_out == relu, (relu, [tuple(t.shape) for t in saved])
+        g, = torch.autograd.grad(out, x, torch.ones_like(out))
+        exp = conv_bn_relu_reference(x, w, bn["bn_weight"], bn["bn_bias"], bn["running_mean"].clone(),
+                                     bn["running_var"].clone(), training=True, relu=relu, **conv)
+        e, = torch.autograd.grad(exp, x, torch.ones_like(exp))
+        assert_close(g, e, 1e-4, 1e-3, f"grad x relu={relu}")

@@ -181,6 +181,8 @@ def _backward_impl(grad, x, weight, bn_weight, z, out, mean, invstd, stride, pad
     K = weight.shape[0]
     acc = mean.dtype
     grad = _in_layout(grad, grad.shape, CL)
+    if not relu:
+        out = grad  # (not read without a ReLU, and not saved by the forward: a stand-in of its layout)
     M = grad.numel() // K if K else 0
     gamma = bn_weight.to(acc) if bn_weight is not None else torch.ones(K, device=x.device, dtype=acc)
     a = gamma * invstd
@@ -236,7 +238,9 @@ def _setup_context(ctx, inputs, output):
     (x, weight, bn_weight, bn_bias, _rm, _rv, residual, stride, padding, dilation, groups, training, _mom, _eps,
      relu, _store_z, _tf32, backend, sync_group) = inputs
     out, z, mean, invstd, new_rm, new_rv = output
-    ctx.save_for_backward(x, weight, bn_weight, z, out, mean, invstd)
+    # the output only as the ReLU's mask: without a ReLU it is not kept (a downsample's output,
+    # the next op's residual, is then freed as soon as that op has run, as in eager PyTorch)
+    ctx.save_for_backward(x, weight, bn_weight, z, out if relu else None, mean, invstd)
     ctx.conf = (stride, padding, dilation, groups, training, relu, backend, sync_group)
     ctx.bias_dtype = bn_bias.dtype if bn_bias is not None else None
     ctx.mark_non_differentiable(z, mean, invstd, new_rm, new_rv)
@@ -245,6 +249,8 @@ def _setup_context(ctx, inputs, output):
 def _grads(ctx, gout, bwd):
     x, weight, bn_weight, z, out, mean, invstd = ctx.saved_tensors
     stride, padding, dilation, groups, training, relu, backend, sync_group = ctx.conf
+    if out is None:  # no ReLU: the kernels do not read it (any tensor of its shape stands in)
+        out = gout
     nig = ctx.needs_input_grad
     mask = [bool(nig[0]), bool(nig[1]), bool(nig[2]), bool(nig[3]), bool(nig[6])]
     grads = [None] * 19
@@ -291,7 +297,7 @@ class _DirectFn(torch.autograd.Function):
             if not (ctx.conf[4] and ctx.conf[7]):  # nothing flows back
                 return (None,) * 19
             # synchronized BatchNorm: every rank must join the backward's collective
-            gout = torch.zeros_like(saved[4])
+            gout = torch.zeros_like(saved[3])  # (z: the output's shape, dtype and layout)
         # the backward decides again: compiled autograd or a mode around backward() sees the op
         return _grads(ctx, gout, _bwd_direct if direct_ok(gout, *saved) else torch.ops.resnet_fused.conv_bn_bwd)
 
