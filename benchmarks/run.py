@@ -61,7 +61,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_IMPLS = ["eager", "eager-cl", "compile", "fused-triton", "fused-cuda", "fused-auto"]
 OPTIONAL_IMPLS = ["compile-max", "eager-cl-graph", "fused-triton-graph", "fused-cuda-graph", "fused-auto-graph",
                   # torch.compile(mode="reduce-overhead"): CUDA graphs for training steps too (host time gone)
-                  "compile-ro", "fused-triton-ro", "fused-cuda-ro", "fused-auto-ro"]
+                  "compile-ro", "fused-triton-ro", "fused-cuda-ro", "fused-auto-ro",
+                  # training with every conv output kept (resnet_fused.set_recompute("none")): the default
+                  # recomputes the 1x1 expansions' outputs in the backward (less memory, one more conv each)
+                  "fused-triton-keepz", "fused-cuda-keepz", "fused-auto-keepz"]
 CPU_IMPLS = ["eager", "eager-cl", "fused-reference", "fused-auto"]
 # Op rows besides the fused backends: eager conv + BN (+ residual) + ReLU, and the conv alone
 OP_BASE_IMPLS = ["eager", "conv-only"]
@@ -235,8 +238,10 @@ def build(impl, base, device, dtype, mode, example):
     if backend is None:
         return step, m
 
+    policy = "none" if impl.endswith("-keepz") else resnet_fused.get_recompute()
+
     def fused_step():
-        with resnet_fused.use_backend(backend):
+        with resnet_fused.use_backend(backend), resnet_fused.use_recompute(policy):
             return step()
 
     return fused_step, m
@@ -686,7 +691,8 @@ def main(argv=None):
         args.size = min(args.size, 64)
         args.op_batch = min(args.op_batch, 4)
         args.iters, args.op_iters, args.warmup, args.min_time = min(args.iters, 3), min(args.op_iters, 3), 1, 0.0
-    if cpu and any(i.startswith("fused-") and i.removesuffix("-ro") not in ("fused-reference", "fused-auto")
+    if cpu and any(i.startswith("fused-")
+                   and i.removesuffix("-ro").removesuffix("-keepz") not in ("fused-reference", "fused-auto")
                    for i in args.impls):
         sys.exit("fused-triton / fused-cuda need a GPU; on the CPU use fused-reference")
     env = environment(device)

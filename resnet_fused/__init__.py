@@ -12,7 +12,8 @@ from .graphs import capture
 
 __version__ = "0.1.0"
 
-_MODEL_NAMES = ("ResNet", "BasicBlock", "Bottleneck", "SyncBatchNorm2d", "fuse", "convert_sync_batchnorm", "clear_fold_cache", "resnet18", "resnet34", "resnet50", "resnet101",
+_MODEL_NAMES = ("ResNet", "BasicBlock", "Bottleneck", "SyncBatchNorm2d", "fuse", "convert_sync_batchnorm", "clear_fold_cache",
+                "set_recompute", "get_recompute", "use_recompute", "resnet18", "resnet34", "resnet50", "resnet101",
                 "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2",
                 "wide_resnet101_2")
 

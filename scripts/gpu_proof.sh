@@ -104,7 +104,8 @@ if [ "$STAGE" = host ]; then  # docs/perf.md lead 9
   for b in cuda triton; do
     run "host_$b" 40 python3 scripts/host_overhead.py --device cuda --backend "$b"; tail -8 "$P/host_$b.log"
   done
-  bench m_ro 300 --no-ops --modes train,infer --batches 256 --impls eager-cl,compile-ro,fused-cuda-ro,fused-triton-ro,fused-cuda,fused-triton
+  # (-keepz: every conv output kept, no recompute: the speed side of docs/perf.md lead 13's trade)
+  bench m_ro 300 --no-ops --modes train,infer --batches 256 --impls eager-cl,compile-ro,fused-cuda-ro,fused-triton-ro,fused-cuda,fused-triton,fused-cuda-keepz
   for spec in "fused-cuda train" "fused-triton train"; do
     set -- $spec
     run "prof_$1_$2" 45 python3 scripts/profile_step.py --impl "$1" --mode "$2" --top 25

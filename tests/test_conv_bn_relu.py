@@ -572,3 +572,44 @@ def test_output_kept_for_backward_only_as_the_relu_mask(direct, monkeypatch):
                                      bn["running_var"].clone(), training=True, relu=relu, **conv)
         e, = torch.autograd.grad(exp, x, torch.ones_like(exp))
         assert_close(g, e, 1e-4, 1e-3, f"grad x relu={relu}")
+
+
+@pytest.mark.parametrize("case", BACKEND_DEVICE)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("direct", [True, False], ids=["fast-path", "custom-op"])
+def test_recompute_gives_the_same_gradients_without_keeping_the_conv_output(case, training, direct, monkeypatch):
+    from resnet_fused.ops import _common
+
+    monkeypatch.setattr(_common, "DIRECT", [direct])
+    backend, device = case
+    x, w, bn, res, conv = make("3x3s2", device)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, bn["bn_weight"], bn["bn_bias"], res)]
+    gout = torch.randn(res.shape, device=device)
+    got = {}
+    for recompute in (False, True):
+        with resnet_fused.use_backend(backend):
+            out = conv_bn_relu(*leaves[:4], bn["running_mean"].clone(), bn["running_var"].clone(),
+                               residual=leaves[4], training=training, recompute=recompute, **conv)
+            kept = out.grad_fn.saved_tensors
+            # the conv output (shaped as out, not out itself) is kept only without recompute
+            z_kept = any(t is not None and t.shape == out.shape and t.data_ptr() != out.data_ptr() for t in kept)
+            assert z_kept != recompute
+            got[recompute] = (out, torch.autograd.grad(out, leaves, gout))
+    assert_close(got[True][0], got[False][0], 0, 0, "out")
+    for name, a, e in zip(["x", "weight", "bn_weight", "bn_bias", "residual"], got[True][1], got[False][1]):
+        assert_close(a, e, 1e-5, 1e-4, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("case", BACKEND_DEVICE)
+def test_gradcheck_float64_with_recompute(case):
+    backend, device = case
+    x, w, bn, res, conv = make((4, 4, 4, 4, 3, 2, 1, 1, 2), device, torch.float64, N=2)
+    rm, rv = bn["running_mean"], bn["running_var"]
+
+    def f(x, w, g, b, r):
+        return conv_bn_relu(x, w, g, b, rm.clone(), rv.clone(), residual=r, training=True, recompute=True, **conv)
+
+    inputs = [t.detach().clone().requires_grad_() for t in (x, w, bn["bn_weight"], bn["bn_bias"], res)]
+    with resnet_fused.use_backend(backend):
+        assert torch.autograd.gradcheck(f, inputs, fast_mode=device == "cpu" and backend == "triton", atol=1e-6,
+                                        rtol=1e-5)

@@ -785,3 +785,62 @@ def test_conv_affine_act_without_a_bias(case):
     assert alone.is_contiguous(memory_format=torch.channels_last)
     assert_close(alone, z, 1e-4, 1e-4, "conv alone")
     assert_close(with_res, torch.relu(z + r), 1e-4, 1e-4, "no bias, residual, ReLU")
+
+
+def _layers_recomputing(out):
+    """(layers keeping their conv output, layers recomputing it) in out's autograd graph."""
+    keep = recompute = 0
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__.startswith("_DirectFn"):
+            if fn.saved_tensors[3] is None:
+                recompute += 1
+            else:
+                keep += 1
+        todo += [f for f, _ in fn.next_functions]
+    return keep, recompute
+
+
+@pytest.fixture
+def reference_backend():
+    # the full-size models on the reference backend (under TRITON_INTERPRET=1 auto would pick the
+    # interpreter: minutes per ResNet-50 forward)
+    with resnet_fused.use_backend("reference"):
+        yield
+
+
+@pytest.mark.usefixtures("reference_backend")
+def test_recompute_policy_of_the_models():
+    torch.manual_seed(0)
+    ours = resnet_fused.resnet50().train()
+    x = torch.randn(2, 3, 64, 64)
+    assert resnet_fused.get_recompute() == "expansion"  # the default
+    # "expansion": the 16 Bottleneck conv3s (1x1, 4x the channels) and layer1's 64 -> 256 downsample
+    assert _layers_recomputing(ours(x)) == (53 - 17, 17)
+    with resnet_fused.use_recompute("none"):
+        assert _layers_recomputing(ours(x)) == (53, 0)
+    with resnet_fused.use_recompute("all"):
+        out = ours(x)
+    assert _layers_recomputing(out) == (0, 53)
+    assert resnet_fused.get_recompute() == "expansion"
+    out.sum().backward()  # the recomputing backward runs after the setting changed back
+    with pytest.raises(ValueError, match="unknown recompute policy 'some'"):
+        resnet_fused.set_recompute("some")
+
+
+@pytest.mark.usefixtures("reference_backend")
+def test_training_parity_float64_with_every_conv_recomputed():
+    # the recomputed conv outputs in float64 give torchvision's gradients (as the kept ones do)
+    ours, theirs = pair("resnet18")
+    ours.double().train()
+    theirs.double().train()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with resnet_fused.use_recompute("all"):
+        ours(x).square().mean().backward()
+    theirs(x).square().mean().backward()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        rel_close(a.grad, b.grad, 1e-7)

@@ -32,7 +32,7 @@ from . import cuda as _cuda_impl
 from . import reference as _ref_impl
 from . import sync as _sync
 from .._common import autocast_dtype, conv_allows_tf32, device_guard, direct_ok
-from .reference import CL, acc_dtype, conv_bn_relu_reference
+from .reference import CL, acc_dtype, aten_conv, conv_bn_relu_reference
 
 if HAS_TRITON:
     from . import triton_kernels as _triton_impl
@@ -74,6 +74,12 @@ def _in_layout(t: Tensor, shape, memory_format=None, like: Optional[Tensor] = No
     return want.copy_(t)
 
 
+def _fwd_shape(x, weight, stride, padding, dilation):
+    N, _, H, W = x.shape
+    K, _, R, S = weight.shape
+    return (N, K, *_out_size(H, W, R, S, stride, padding, dilation))
+
+
 def _out_size(H, W, R, S, stride, padding, dilation):
     P = (H + 2 * padding[0] - dilation[0] * (R - 1) - 1) // stride[0] + 1
     Q = (W + 2 * padding[1] - dilation[1] * (S - 1) - 1) // stride[1] + 1
@@ -89,11 +95,13 @@ def _fwd_op(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Opt
             running_mean: Optional[Tensor], running_var: Optional[Tensor], residual: Optional[Tensor],
             stride: list[int], padding: list[int], dilation: list[int], groups: int, training: bool,
             momentum: float, eps: float, relu: bool, store_z: bool, allow_tf32: bool,
-            backend: str, sync_group: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            backend: str, sync_group: int = 0, recompute: bool = False
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out, z, mean, invstd, new_running_mean, new_running_var): z is the raw conv
     output (empty unless training or store_z); mean/invstd are the batch statistics
     (training) or the running ones (eval); the new running statistics are empty unless
-    training with running statistics."""
+    training with running statistics. ``recompute`` is read by the autograd formula only: the
+    backward recomputes z instead of the forward keeping it."""
     with device_guard(x):
         return _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
                         dilation, groups, training, momentum, eps, relu, store_z, allow_tf32, backend, sync_group)
@@ -144,7 +152,7 @@ def _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
 
 @_fwd_op.register_fake
 def _(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation, groups,
-      training, momentum, eps, relu, store_z, allow_tf32, backend, sync_group=0):
+      training, momentum, eps, relu, store_z, allow_tf32, backend, sync_group=0, recompute=False):
     N, C, H, W = x.shape
     K, _, R, S = weight.shape
     P, Q = _out_size(H, W, R, S, stride, padding, dilation)
@@ -236,24 +244,27 @@ def _(grad, x, weight, bn_weight, z, out, mean, invstd, stride, padding, dilatio
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bn_weight, bn_bias, _rm, _rv, residual, stride, padding, dilation, groups, training, _mom, _eps,
-     relu, _store_z, _tf32, backend, sync_group) = inputs
+     relu, _store_z, _tf32, backend, sync_group, recompute) = inputs
     out, z, mean, invstd, new_rm, new_rv = output
     # the output only as the ReLU's mask: without a ReLU it is not kept (a downsample's output,
     # the next op's residual, is then freed as soon as that op has run, as in eager PyTorch)
-    ctx.save_for_backward(x, weight, bn_weight, z, out if relu else None, mean, invstd)
-    ctx.conf = (stride, padding, dilation, groups, training, relu, backend, sync_group)
+    # with recompute, not the conv output either: the backward recomputes it from x and weight
+    ctx.save_for_backward(x, weight, bn_weight, None if recompute else z, out if relu else None, mean, invstd)
+    ctx.conf = (stride, padding, dilation, groups, training, relu, backend, sync_group, recompute)
     ctx.bias_dtype = bn_bias.dtype if bn_bias is not None else None
     ctx.mark_non_differentiable(z, mean, invstd, new_rm, new_rv)
 
 
 def _grads(ctx, gout, bwd):
     x, weight, bn_weight, z, out, mean, invstd = ctx.saved_tensors
-    stride, padding, dilation, groups, training, relu, backend, sync_group = ctx.conf
+    stride, padding, dilation, groups, training, relu, backend, sync_group, recompute = ctx.conf
+    if recompute:  # the conv output, again (cuDNN on CUDA; the same inputs, so the same values up to rounding)
+        z = aten_conv(x, weight, stride, padding, dilation, groups)
     if out is None:  # no ReLU: the kernels do not read it (any tensor of its shape stands in)
         out = gout
     nig = ctx.needs_input_grad
     mask = [bool(nig[0]), bool(nig[1]), bool(nig[2]), bool(nig[3]), bool(nig[6])]
-    grads = [None] * 19
+    grads = [None] * 20
     if any(mask):
         res = bwd(gout, x, weight, bn_weight, z, out, mean, invstd, stride, padding, dilation, groups, training, relu,
                   mask, backend, sync_group)
@@ -282,7 +293,7 @@ class _DirectFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         with device_guard(inputs[0]):
-            output = _forward(*inputs)
+            output = _forward(*inputs[:19])
         _setup_context(ctx, inputs, output)
         # the other outputs are non-differentiable: no zero-filled gradients for them (and
         # gout stays None when the output itself is unused)
@@ -295,9 +306,10 @@ class _DirectFn(torch.autograd.Function):
         saved = ctx.saved_tensors
         if gout is None:
             if not (ctx.conf[4] and ctx.conf[7]):  # nothing flows back
-                return (None,) * 19
+                return (None,) * 20
             # synchronized BatchNorm: every rank must join the backward's collective
-            gout = torch.zeros_like(saved[3])  # (z: the output's shape, dtype and layout)
+            gout = torch.zeros_like(saved[3] if saved[3] is not None else saved[0].new_empty(
+                _fwd_shape(saved[0], saved[1], *ctx.conf[:3]), memory_format=CL))
         # the backward decides again: compiled autograd or a mode around backward() sees the op
         return _grads(ctx, gout, _bwd_direct if direct_ok(gout, *saved) else torch.ops.resnet_fused.conv_bn_bwd)
 
@@ -310,7 +322,7 @@ def _run_fwd(*args):
                                            for t in (x, weight, bn_weight, bn_bias, residual)):
             return _DirectFn.apply(*args)
         with device_guard(x):
-            return _forward(*args)
+            return _forward(*args[:19])
     return _fwd_op(*args)
 
 
@@ -331,7 +343,8 @@ def _check_vec(name, t, K, x):
 def conv_bn_relu(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                  running_mean: Optional[Tensor], running_var: Optional[Tensor], *, stride=1, padding=0, dilation=1,
                  groups: int = 1, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
-                 residual: Optional[Tensor] = None, relu: bool = True, process_group=None) -> Tensor:
+                 residual: Optional[Tensor] = None, relu: bool = True, process_group=None,
+                 recompute: bool = False) -> Tensor:
     """Fused ``relu?(batch_norm(conv2d(x, weight)) + residual?)``.
 
     Equals ``F.batch_norm(F.conv2d(x, weight, None, stride, padding, dilation, groups),
@@ -346,6 +359,10 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias
     from the conv epilogue are gathered across the group (one collective) and merged before
     the finalize, and the backward's two per-channel sums are all-reduced (one collective),
     as ``nn.SyncBatchNorm`` does; works on any device and backend, the CPU included.
+
+    ``recompute`` (when a gradient is needed): the raw conv output is not kept for the
+    backward, which computes it again from ``x`` and ``weight`` (one more convolution, ATen's):
+    less memory for a little time, as activation checkpointing of the conv alone.
     """
     if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
         raise TypeError(f"{OP}: x and weight must be Tensors")
@@ -419,8 +436,8 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias
         t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias, residual))
     out, _z, _mean, _invstd, new_rm, new_rv = _run_fwd(
         x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation, groups,
-        bool(training), float(momentum), float(eps), bool(relu), needs_grad, allow_tf32, backend,
-        _sync.group_key(process_group) if training else 0)
+        bool(training), float(momentum), float(eps), bool(relu), needs_grad and not recompute, allow_tf32, backend,
+        _sync.group_key(process_group) if training else 0, bool(recompute))
     if training and running_mean is not None:
         with torch.no_grad():
             running_mean.copy_(new_rm)
