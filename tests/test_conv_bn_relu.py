@@ -613,3 +613,22 @@ def test_gradcheck_float64_with_recompute(case):
     with resnet_fused.use_backend(backend):
         assert torch.autograd.gradcheck(f, inputs, fast_mode=device == "cpu" and backend == "triton", atol=1e-6,
                                         rtol=1e-5)
+
+
+def test_recompute_only_where_the_backward_reads_the_conv_output(monkeypatch):
+    import resnet_fused.ops.conv_bn_relu as CBR
+
+    calls = []
+    real = CBR.aten_conv
+    monkeypatch.setattr(CBR, "aten_conv", lambda *a: calls.append(1) or real(*a))
+    x, w, bn, _, conv = make("3x3s2", "cpu", residual=False)
+    x.requires_grad_()
+    for training, affine_grad, expected in ((False, False, 0), (False, True, 1), (True, False, 1)):
+        calls.clear()
+        g, b = (t.clone().requires_grad_(affine_grad) for t in (bn["bn_weight"], bn["bn_bias"]))
+        with resnet_fused.use_backend("reference"):
+            out = conv_bn_relu(x, w, g, b, bn["running_mean"].clone(), bn["running_var"].clone(),
+                               training=training, recompute=True, **conv)
+            out.square().sum().backward()
+        # eval with frozen BatchNorm parameters (a detection backbone): the input gradient reads no z
+        assert len(calls) == expected, (training, affine_grad, calls)

@@ -221,7 +221,10 @@ class _DropGrad(torch.autograd.Function):
 
 
 @pytest.mark.parametrize("direct", [True, False])
-def test_synchronized_backward_joins_the_collective_without_an_output_gradient(direct, monkeypatch):
+@pytest.mark.parametrize("recompute,relu", [(False, True), (True, True), (True, False)])
+def test_synchronized_backward_joins_the_collective_without_an_output_gradient(direct, recompute, relu,
+                                                                                monkeypatch):
+    # (with recompute and no ReLU the forward keeps neither the conv output nor the output)
     # every rank must join the backward's all-reduce, also a rank whose output got no gradient
     from resnet_fused.ops.conv_bn_relu import reference, sync
 
@@ -235,7 +238,8 @@ def test_synchronized_backward_joins_the_collective_without_an_output_gradient(d
     xr = x.detach().clone().requires_grad_()
     with resnet_fused.use_backend("reference"):
         out = conv_bn_relu(xr, w, bn["bn_weight"], bn["bn_bias"], bn["running_mean"].clone(),
-                           bn["running_var"].clone(), training=True, process_group=True, **conv)
+                           bn["running_var"].clone(), training=True, process_group=True, recompute=recompute,
+                           relu=relu, **conv)
         (_DropGrad.apply(out).sum() + 0 * xr.sum()).backward()
     assert joined == [7]
     assert xr.grad is not None and not xr.grad.any()  # nothing flowed back through the conv

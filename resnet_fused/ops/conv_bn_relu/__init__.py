@@ -258,11 +258,12 @@ def _setup_context(ctx, inputs, output):
 def _grads(ctx, gout, bwd):
     x, weight, bn_weight, z, out, mean, invstd = ctx.saved_tensors
     stride, padding, dilation, groups, training, relu, backend, sync_group, recompute = ctx.conf
-    if recompute:  # the conv output, again (cuDNN on CUDA; the same inputs, so the same values up to rounding)
-        z = aten_conv(x, weight, stride, padding, dilation, groups)
+    nig = ctx.needs_input_grad
+    if recompute:  # the conv output again, where the backward reads it (cuDNN on CUDA; the same values)
+        z = aten_conv(x, weight, stride, padding, dilation, groups) if training or nig[2] or nig[3] else \
+            x.new_empty(0)
     if out is None:  # no ReLU: the kernels do not read it (any tensor of its shape stands in)
         out = gout
-    nig = ctx.needs_input_grad
     mask = [bool(nig[0]), bool(nig[1]), bool(nig[2]), bool(nig[3]), bool(nig[6])]
     grads = [None] * 20
     if any(mask):
@@ -308,8 +309,9 @@ class _DirectFn(torch.autograd.Function):
             if not (ctx.conf[4] and ctx.conf[7]):  # nothing flows back
                 return (None,) * 20
             # synchronized BatchNorm: every rank must join the backward's collective
-            gout = torch.zeros_like(saved[3] if saved[3] is not None else saved[0].new_empty(
-                _fwd_shape(saved[0], saved[1], *ctx.conf[:3]), memory_format=CL))
+            x = saved[0]
+            gout = torch.empty(_fwd_shape(x, saved[1], *ctx.conf[:3]), dtype=x.dtype, device=x.device,
+                               memory_format=CL).zero_()
         # the backward decides again: compiled autograd or a mode around backward() sees the op
         return _grads(ctx, gout, _bwd_direct if direct_ok(gout, *saved) else torch.ops.resnet_fused.conv_bn_bwd)
 
