@@ -844,3 +844,18 @@ def test_training_parity_float64_with_every_conv_recomputed():
     theirs(x).square().mean().backward()
     for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
         rel_close(a.grad, b.grad, 1e-7)
+
+
+@pytest.mark.usefixtures("reference_backend")
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_hook_on_the_downsample_sequential_sees_it_run(train):
+    ours, theirs = pair("resnet18", num_classes=5)
+    counts = {}
+    for name, m in (("ours", ours), ("theirs", theirs)):
+        m.double().train(train)  # (float64: training-mode outputs comparable, see the module docstring)
+        counts[name] = []
+        m.layer2[0].downsample.register_forward_hook(lambda mod, i, o, c=counts[name]: c.append(tuple(o.shape)))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.set_grad_enabled(train):
+        rel_close(ours(x), theirs(x), 1e-9)
+    assert counts["ours"] == counts["theirs"] == [(2, 128, 4, 4)]

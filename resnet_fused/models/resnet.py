@@ -272,10 +272,15 @@ def conv_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor, residual: Optional[Tensor
                         eps=bn.eps, residual=residual, relu=relu, process_group=group, recompute=_recomputes(conv))
 
 
+def _fusable_downsample(ds: Optional[nn.Module]) -> bool:
+    # (hooks on the downsample Sequential itself must see it run, as on its conv and norm)
+    return isinstance(ds, nn.Sequential) and len(ds) == 2 and _fusable(ds[0], ds[1]) and not _hooked(ds)
+
+
 def _downsample(ds: Optional[nn.Module], x: Tensor) -> Tensor:
     if ds is None:
         return x
-    if isinstance(ds, nn.Sequential) and len(ds) == 2 and _fusable(ds[0], ds[1]):
+    if _fusable_downsample(ds):
         return conv_bn(ds[0], ds[1], x, relu=False)
     return ds(x)
 
@@ -299,7 +304,7 @@ def _block_tail(conv: nn.Conv2d, bn: nn.Module, out: Tensor, ds: Optional[nn.Mod
     downsample, the downsample conv runs without a bias and its BatchNorm shift joins the last
     conv's bias (``relu(conv(out) + b + conv_ds(x) + b_ds)``): on the CUDA backend the downsample
     is then cuDNN's conv alone instead of a conv and a bias pass over its output."""
-    if isinstance(ds, nn.Sequential) and len(ds) == 2 and _fusable(ds[0], ds[1]):
+    if _fusable_downsample(ds):
         dt = _fold_dtype(ds[0], ds[1], x)
         if dt is not None and _fold_dtype(conv, bn, out, x) == dt:
             w_ds, b_ds = _folded(ds[0], ds[1], dt)
