@@ -140,9 +140,6 @@ at::Tensor bn_apply(const at::Tensor& z, const at::Tensor& scale, const at::Tens
 
 namespace {
 
-// At least 256 rows per partial and at most 512 partials (as the statistics: cuda.py _stats).
-int64_t reduce_rows(int64_t M) { return std::max<int64_t>(256, (M + 511) / 512); }
-
 std::tuple<at::Tensor, at::Tensor> bn_bwd_reduce(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& z,
                                                  const at::Tensor& mean, bool relu) {
   check_nhwc(grad, "grad", grad);
@@ -151,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor> bn_bwd_reduce(const at::Tensor& grad, const a
   const int64_t K = grad.size(1), M = K ? grad.numel() / K : 0;
   check_vec(mean, "mean", K, acc_type(grad), grad);
   c10::cuda::CUDAGuard guard(grad.device());
-  const int64_t rows = reduce_rows(M);
+  const int64_t rows = partial_rows(M);
   const int64_t G = std::max<int64_t>(1, (M + rows - 1) / rows);
   auto opts = mean.options();
   // every partial is written by the kernel; with no rows (M == 0) there is one, of zeros
@@ -181,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_bwd_re
   const bool has_g = gamma.has_value() && gamma->defined();
   if (has_g) check_vec(*gamma, "gamma", K, acc, grad);
   c10::cuda::CUDAGuard guard(grad.device());
-  const int64_t rows = reduce_rows(M);
+  const int64_t rows = partial_rows(M);
   const int64_t G = (M + rows - 1) / rows;
   auto opts = mean.options();
   at::Tensor ps = at::empty({G, K}, opts), psz = at::empty({G, K}, opts);

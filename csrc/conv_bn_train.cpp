@@ -26,6 +26,8 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include "bn.h"
+
 namespace resnet_fused {
 namespace {
 
@@ -93,9 +95,6 @@ Tensor like_layout(const Tensor& t, const Tensor& like) {
   return want.copy_(t);
 }
 
-// At least 256 rows per statistics partial and at most 512 partials (as bn.cpp's bwd_reduce).
-int64_t stats_rows(int64_t M) { return std::max<int64_t>(256, (M + 511) / 512); }
-
 void check_args(const Tensor& x, const Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
                 at::IntArrayRef dilation) {
   TORCH_CHECK(x.dim() == 4 && w.dim() == 4, kOp, ": x and weight must be 4-D, got ", x.dim(), "-D and ", w.dim(),
@@ -128,7 +127,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train(
       canonical_cl(at::convolution(x, w, std::nullopt, stride, padding, dilation, false, {0, 0}, groups));
   const int64_t M = K ? z.numel() / K : 0;
   TORCH_CHECK(M > 1, kOp, ": expected more than 1 value per channel when training, got input size ", z.sizes());
-  const int64_t rows = stats_rows(M);
+  const int64_t rows = partial_rows(M);
   auto [pm, pm2] = stats_op().call(z, rows);
   // the finalize also writes the apply's scale = gamma * invstd and shift = beta - mean * scale
   auto [mean, invstd, scale, shift, nrm, nrv] =

@@ -63,7 +63,8 @@ def train_backward(grad, x, weight, bn_weight, z, out, mean, invstd, stride, pad
 
 def _stats(z):
     # At least 256 rows (output pixels) per statistics partial, and at most 512 partials:
-    # enough blocks to fill the GPU, few enough that the finalize's loop over them is short.
+    # enough blocks to fill the GPU, few enough that the finalize's loop over them is short
+    # (csrc/bn.h partial_rows: the same rule on the C++ side).
     M = z.numel() // z.shape[1] if z.shape[1] else 0
     rows = max(256, -(-M // 512))
     pm, pm2 = _C().bn_stats(z, rows)
