@@ -52,7 +52,7 @@ std::tuple<Tensor, Tensor> bn_bwd_apply(const Tensor& g, const Tensor&, const Te
   return {at::empty_like(g), store ? at::empty_like(g) : at::empty({0}, g.options())};
 }
 
-std::tuple<Tensor, int64_t> conv_bias_act(const Tensor& x, const Tensor& w, const Tensor&, const OptTensor&,
+std::tuple<Tensor, int64_t> conv_bias_act(const Tensor& x, const Tensor& w, const OptTensor&, const OptTensor&,
                                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                           int64_t, bool) {
   const int64_t P = (x.size(2) + 2 * padding[0] - dilation[0] * (w.size(2) - 1) - 1) / stride[0] + 1;
