@@ -54,11 +54,12 @@ std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& z, int64_t rows) {
 }
 
 // (mean, invstd, scale, shift, new_running_mean, new_running_var); scale / shift (the apply's
-// coefficients) only when affine, else empty.
+// coefficients) only when affine, else empty; in_place: the running statistics themselves are
+// updated and come back as the new ones.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> finalize(
     const at::Tensor& pm, const at::Tensor& pm2, int64_t rows, int64_t M, const std::optional<at::Tensor>& rm,
     const std::optional<at::Tensor>& rv, const std::optional<at::Tensor>& gamma,
-    const std::optional<at::Tensor>& beta, double momentum, double eps, bool affine) {
+    const std::optional<at::Tensor>& beta, double momentum, double eps, bool affine, bool in_place = false) {
   TORCH_CHECK(pm.is_cuda() && pm.dim() == 2 && pm.is_contiguous() && pm2.sizes() == pm.sizes() &&
                   pm2.is_contiguous() && pm2.scalar_type() == pm.scalar_type(),
               "resnet_fused_C::bn_finalize: partials must be two contiguous [G, K] CUDA tensors of one dtype");
@@ -87,8 +88,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                   "resnet_fused_C::bn_finalize: running statistics must be contiguous [", K,
                   "] CUDA tensors of one dtype on the partials' device");
     run_dt = kernel_dtype(*rm, "resnet_fused_C::bn_finalize");
-    nrm = at::empty_like(*rm);
-    nrv = at::empty_like(*rv);
+    nrm = in_place ? *rm : at::empty_like(*rm);
+    nrv = in_place ? *rv : at::empty_like(*rv);
   } else {
     nrm = at::empty({0}, pm.options());
     nrv = at::empty({0}, pm.options());
@@ -116,6 +117,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& rv, const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& beta,
     double momentum, double eps) {
   return finalize(pm, pm2, rows, M, rm, rv, gamma, beta, momentum, eps, true);
+}
+
+// bn_finalize_affine with the running statistics updated in place (the C++ autograd node's
+// forward: no copies after it); returns (mean, invstd, scale, shift).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_affine_(
+    const at::Tensor& pm, const at::Tensor& pm2, int64_t rows, int64_t M, const std::optional<at::Tensor>& rm,
+    const std::optional<at::Tensor>& rv, const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& beta,
+    double momentum, double eps) {
+  auto r = finalize(pm, pm2, rows, M, rm, rv, gamma, beta, momentum, eps, true, true);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
 }
 
 }  // namespace
@@ -164,15 +175,30 @@ std::tuple<at::Tensor, at::Tensor> bn_bwd_reduce(const at::Tensor& grad, const a
 
 // The reduction, then the per-channel backward terms in one small kernel (no at::sum, no [K]
 // arithmetic launches): (dgamma, dbeta, a, b, c), acc-typed (see launch_bn_bwd_coef).
+// The ReLU's mask from z and the forward's scale / shift instead of out (the C++ autograd node, for
+// an output without a residual): whether they are given, checked.
+bool mask_from_z(const std::optional<at::Tensor>& msc, const std::optional<at::Tensor>& msh, bool relu, int64_t K,
+                 at::ScalarType acc, const at::Tensor& like) {
+  const bool given = msc.has_value() && msc->defined();
+  TORCH_CHECK(given == (msh.has_value() && msh->defined()), kOp, ": mask_scale and mask_shift go together");
+  if (!given) return false;
+  TORCH_CHECK(relu, kOp, ": mask_scale / mask_shift given without a ReLU");
+  check_vec(*msc, "mask_scale", K, acc, like);
+  check_vec(*msh, "mask_shift", K, acc, like);
+  return true;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_bwd_reduce_coef(
     const at::Tensor& grad, const at::Tensor& out, const at::Tensor& z, const at::Tensor& mean,
-    const at::Tensor& invstd, const std::optional<at::Tensor>& gamma, bool relu) {
+    const at::Tensor& invstd, const std::optional<at::Tensor>& gamma, bool relu,
+    const std::optional<at::Tensor>& mask_scale, const std::optional<at::Tensor>& mask_shift) {
   check_nhwc(grad, "grad", grad);
-  check_nhwc(out, "out", grad);
   check_nhwc(z, "z", grad);
   const int64_t K = grad.size(1), M = K ? grad.numel() / K : 0;
   TORCH_CHECK(M > 0, kOp, "_bwd_reduce_coef: needs at least one row");
   const auto acc = acc_type(grad);
+  const bool from_z = mask_from_z(mask_scale, mask_shift, relu, K, acc, grad);
+  if (relu && !from_z) check_nhwc(out, "out", grad);
   check_vec(mean, "mean", K, acc, grad);
   check_vec(invstd, "invstd", K, acc, grad);
   const bool has_g = gamma.has_value() && gamma->defined();
@@ -182,9 +208,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_bwd_re
   const int64_t G = (M + rows - 1) / rows;
   auto opts = mean.options();
   at::Tensor ps = at::empty({G, K}, opts), psz = at::empty({G, K}, opts);
-  check_launch(launch_bn_bwd_reduce(grad.const_data_ptr(), out.const_data_ptr(), z.const_data_ptr(),
-                                    mean.const_data_ptr(), ps.mutable_data_ptr(), psz.mutable_data_ptr(), M, K,
-                                    rows, relu, kernel_dtype(grad, kOp), stream()),
+  check_launch(launch_bn_bwd_reduce(grad.const_data_ptr(), relu && !from_z ? out.const_data_ptr() : nullptr,
+                                    z.const_data_ptr(), mean.const_data_ptr(), ps.mutable_data_ptr(),
+                                    psz.mutable_data_ptr(), M, K, rows, relu, kernel_dtype(grad, kOp), stream(),
+                                    from_z ? mask_scale->const_data_ptr() : nullptr,
+                                    from_z ? mask_shift->const_data_ptr() : nullptr),
                "resnet_fused_C::bn_bwd_reduce_coef");
   at::Tensor dgamma = at::empty({K}, opts), dbeta = at::empty({K}, opts), a = at::empty({K}, opts),
              b = at::empty({K}, opts), c = at::empty({K}, opts);
@@ -199,16 +227,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_bwd_re
 std::tuple<at::Tensor, at::Tensor> bn_bwd_apply(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& z,
                                                 const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& a,
                                                 const std::optional<at::Tensor>& b,
-                                                const std::optional<at::Tensor>& c, bool relu, bool store_gres) {
+                                                const std::optional<at::Tensor>& c, bool relu, bool store_gres,
+                                                const std::optional<at::Tensor>& mask_scale,
+                                                const std::optional<at::Tensor>& mask_shift) {
   check_nhwc(grad, "grad", grad);
-  if (relu) check_nhwc(out, "out", grad);
   const int64_t K = grad.size(1), M = K ? grad.numel() / K : 0;
   const auto acc = acc_type(grad);
+  const bool from_z = mask_from_z(mask_scale, mask_shift, relu, K, acc, grad);
+  if (relu && !from_z) check_nhwc(out, "out", grad);
   check_vec(a, "a", K, acc, grad);
   const bool use_z = b.has_value() && b->defined();
   TORCH_CHECK(use_z == (c.has_value() && c->defined()), "resnet_fused_C::bn_bwd_apply: b and c go together");
+  if (use_z || from_z) check_nhwc(z, "z", grad);
   if (use_z) {
-    check_nhwc(z, "z", grad);
     check_vec(*b, "b", K, acc, grad);
     check_vec(*c, "c", K, acc, grad);
     check_vec(mean, "mean", K, acc, grad);
@@ -217,12 +248,15 @@ std::tuple<at::Tensor, at::Tensor> bn_bwd_apply(const at::Tensor& grad, const at
   c10::cuda::CUDAGuard guard(grad.device());
   at::Tensor dz = at::empty_like(grad);
   at::Tensor gres = store_gres ? at::empty_like(grad) : at::empty({0}, grad.options());
-  check_launch(launch_bn_bwd_apply(grad.const_data_ptr(), relu ? out.const_data_ptr() : nullptr,
-                                   use_z ? z.const_data_ptr() : nullptr, use_z ? mean.const_data_ptr() : nullptr,
+  check_launch(launch_bn_bwd_apply(grad.const_data_ptr(), relu && !from_z ? out.const_data_ptr() : nullptr,
+                                   use_z || from_z ? z.const_data_ptr() : nullptr,
+                                   use_z ? mean.const_data_ptr() : nullptr,
                                    use_z ? invstd.const_data_ptr() : nullptr, a.const_data_ptr(),
                                    use_z ? b->const_data_ptr() : nullptr, use_z ? c->const_data_ptr() : nullptr,
                                    dz.mutable_data_ptr(), store_gres ? gres.mutable_data_ptr() : nullptr, M, K, relu,
-                                   kernel_dtype(grad, kOp), stream()),
+                                   kernel_dtype(grad, kOp), stream(),
+                                   from_z ? mask_scale->const_data_ptr() : nullptr,
+                                   from_z ? mask_shift->const_data_ptr() : nullptr),
                "resnet_fused_C::bn_bwd_apply");
   return {dz, gres};
 }
@@ -235,18 +269,25 @@ TORCH_LIBRARY_FRAGMENT(resnet_fused_C, m) {
         "float momentum, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("bn_finalize_affine(Tensor pmean, Tensor pm2, int rows, int M, Tensor? running_mean, Tensor? running_var, "
         "Tensor? gamma, Tensor? beta, float momentum, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("bn_finalize_affine_(Tensor pmean, Tensor pm2, int rows, int M, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, Tensor? gamma, Tensor? beta, float momentum, float eps) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
   m.def("bn_apply(Tensor z, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> Tensor");
   m.def("bn_bwd_reduce(Tensor grad, Tensor out, Tensor z, Tensor mean, bool relu) -> (Tensor, Tensor)");
+  // mask_scale / mask_shift (the forward apply's scale / shift, an output without a residual): the
+  // ReLU's mask recomputed from z, out not read
   m.def("bn_bwd_reduce_coef(Tensor grad, Tensor out, Tensor z, Tensor mean, Tensor invstd, Tensor? gamma, "
-        "bool relu) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "bool relu, Tensor? mask_scale=None, Tensor? mask_shift=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("bn_bwd_apply(Tensor grad, Tensor out, Tensor z, Tensor mean, Tensor invstd, Tensor a, Tensor? b, "
-        "Tensor? c, bool relu, bool store_gres) -> (Tensor, Tensor)");
+        "Tensor? c, bool relu, bool store_gres, Tensor? mask_scale=None, Tensor? mask_shift=None) -> "
+        "(Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(resnet_fused_C, CUDA, m) {
   m.impl("bn_stats", &bn_stats);
   m.impl("bn_finalize", &bn_finalize);
   m.impl("bn_finalize_affine", &bn_finalize_affine);
+  m.impl("bn_finalize_affine_", &bn_finalize_affine_);
   m.impl("bn_apply", &bn_apply);
   m.impl("bn_bwd_reduce", &bn_bwd_reduce);
   m.impl("bn_bwd_reduce_coef", &bn_bwd_reduce_coef);

@@ -30,6 +30,16 @@ struct alignas(sizeof(T) * W) Pack {
 };
 template <typename T> constexpr int kVec = 16 / sizeof(T);
 
+// The normalize, z * scale + shift, as one fused multiply-add, spelled out: the forward's apply
+// and the backward's mask-from-z compute the same bits whatever the compiler would contract.
+template <typename A> __device__ __forceinline__ A affine(A z, A scale, A shift) { return fma(z, scale, shift); }
+
+// The ReLU's mask where the output was not kept: out = cast<T>(relu(affine(z))) without a
+// residual, so out <= 0 exactly when this holds (NaN passes, as threshold_backward's).
+template <typename T, typename A> __device__ __forceinline__ bool masked_from_z(A z, A scale, A shift) {
+  return to_acc<A>(cast_to<T>(affine(z, scale, shift))) <= A(0);
+}
+
 template <typename T, int W> __device__ __forceinline__ Pack<T, W> ld(const T* p) {
   return *reinterpret_cast<const Pack<T, W>*>(p);
 }
@@ -135,8 +145,7 @@ __global__ void __launch_bounds__(kThreads) bn_stats_kernel(const T* __restrict_
 template <typename A, typename R>
 __global__ void bn_finalize_kernel(const A* __restrict__ pmean, const A* __restrict__ pm2, int64_t G, int64_t K,
                                    int64_t M, int64_t rows, A* __restrict__ mean_out, A* __restrict__ invstd_out,
-                                   const R* __restrict__ rm, const R* __restrict__ rv, R* __restrict__ nrm,
-                                   R* __restrict__ nrv, A momentum, A eps, const A* __restrict__ gamma,
+                                   const R* rm, const R* rv, R* nrm, R* nrv, A momentum, A eps, const A* __restrict__ gamma,
                                    const A* __restrict__ beta, A* __restrict__ scale, A* __restrict__ shift) {
   __shared__ A sh[TY][TX];
   __shared__ A sh_mean[TX];
@@ -181,6 +190,8 @@ __global__ void bn_finalize_kernel(const A* __restrict__ pmean, const A* __restr
     }
     if (nrm != nullptr) {
       // As F.batch_norm: running = (1 - momentum) * running + momentum * batch (unbiased var).
+      // (nrm may be rm, nrv rv: the running statistics updated in place; each element is read
+      // and then written by one thread, so the four pointers are not __restrict__.)
       const A unbiased = var * static_cast<A>(M) / static_cast<A>(M - 1);
       nrm[k] = cast_to<R>((A(1) - momentum) * load_as<A>(rm + k) + momentum * mean);
       nrv[k] = cast_to<R>((A(1) - momentum) * load_as<A>(rv + k) + momentum * unbiased);
@@ -267,7 +278,7 @@ __global__ void __launch_bounds__(kThreads) bn_apply_kernel(const T* __restrict_
     if (res) rv = ld<T, W>(res + i0);
 #pragma unroll
     for (int j = 0; j < W; ++j) {
-      A y = to_acc<A>(zv.v[j]) * sc[j] + sh[j];
+      A y = affine(to_acc<A>(zv.v[j]), sc[j], sh[j]);
       if (res) y += to_acc<A>(rv.v[j]);
       if (relu) y = y < A(0) ? A(0) : y;  // NaN stays NaN
       ov.v[j] = cast_to<T>(y);
@@ -276,35 +287,47 @@ __global__ void __launch_bounds__(kThreads) bn_apply_kernel(const T* __restrict_
   }
 }
 
-// Per-chunk sums of gy and gy * (z - mean); the block shape of bn_stats_kernel.
-template <typename T, typename A, int W>
+// Per-chunk sums of gy and gy * (z - mean); the block shape of bn_stats_kernel. The ReLU's mask
+// comes from out, or (FromZ: relu, msc / msh given) from z and the forward's scale / shift
+// (masked_from_z). A template parameter, not a branch: the other variant keeps its registers.
+template <typename T, typename A, int W, bool FromZ>
 __global__ void __launch_bounds__(kThreads) bn_bwd_reduce_kernel(const T* __restrict__ grad,
                                                                  const T* __restrict__ out, const T* __restrict__ z,
                                                                  const A* __restrict__ mean, A* __restrict__ psum,
                                                                  A* __restrict__ psumz, int64_t M, int64_t K,
-                                                                 int64_t rows, bool relu) {
+                                                                 int64_t rows, bool relu, const A* __restrict__ msc,
+                                                                 const A* __restrict__ msh) {
   __shared__ A sh_s[kThreads * W], sh_sz[kThreads * W];
   const int64_t g = blockIdx.x;
   const int64_t k0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * W;
   const bool active = k0 < K;
   const int64_t r0 = g * rows;
   const int64_t r1 = (r0 + rows < M) ? r0 + rows : M;
-  A s[W], sz[W], mk[W];
+  A s[W], sz[W], mk[W], fs[W], fh[W];
+  const bool from_out = relu && !FromZ;
+  constexpr bool from_z = FromZ;
 #pragma unroll
-  for (int j = 0; j < W; ++j) s[j] = sz[j] = mk[j] = 0;
+  for (int j = 0; j < W; ++j) s[j] = sz[j] = mk[j] = fs[j] = fh[j] = 0;
   if (active) {
 #pragma unroll
-    for (int j = 0; j < W; ++j) mk[j] = mean[k0 + j];
+    for (int j = 0; j < W; ++j) {
+      mk[j] = mean[k0 + j];
+      if (from_z) {
+        fs[j] = msc[k0 + j];
+        fh[j] = msh[k0 + j];
+      }
+    }
     for (int64_t r = r0 + threadIdx.y; r < r1; r += blockDim.y) {
       const int64_t i = r * K + k0;
       const Pack<T, W> gv = ld<T, W>(grad + i);
       const Pack<T, W> zv = ld<T, W>(z + i);
       Pack<T, W> ov;
-      if (relu) ov = ld<T, W>(out + i);
+      if (from_out) ov = ld<T, W>(out + i);
 #pragma unroll
       for (int j = 0; j < W; ++j) {
         A gy = to_acc<A>(gv.v[j]);
-        if (relu && to_acc<A>(ov.v[j]) <= A(0)) gy = 0;  // as threshold_backward: NaN passes
+        if (from_out && to_acc<A>(ov.v[j]) <= A(0)) gy = 0;  // as threshold_backward: NaN passes
+        if (from_z && masked_from_z<T>(to_acc<A>(zv.v[j]), fs[j], fh[j])) gy = 0;
         s[j] += gy;
         sz[j] += gy * (to_acc<A>(zv.v[j]) - mk[j]);
       }
@@ -320,33 +343,40 @@ __global__ void __launch_bounds__(kThreads) bn_bwd_reduce_kernel(const T* __rest
   }
 }
 
-// dz = a * gy + b * invstd * (z - mean) + c (training; eval: a * gy), gres = gy.
-template <typename T, typename A, int W>
+// dz = a * gy + b * invstd * (z - mean) + c (training; eval: a * gy), gres = gy. The ReLU's mask
+// as in bn_bwd_reduce_kernel.
+template <typename T, typename A, int W, bool FromZ>
 __global__ void __launch_bounds__(kThreads) bn_bwd_apply_kernel(
     const T* __restrict__ grad, const T* __restrict__ out, const T* __restrict__ z, const A* __restrict__ mean,
     const A* __restrict__ invstd, const A* __restrict__ a, const A* __restrict__ b, const A* __restrict__ c,
-    T* __restrict__ dz, T* __restrict__ gres, int64_t M, int64_t K, bool relu) {
+    T* __restrict__ dz, T* __restrict__ gres, int64_t M, int64_t K, bool relu, const A* __restrict__ msc,
+    const A* __restrict__ msh) {
   const int64_t k0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * W;
   if (k0 >= K) return;
-  A ak[W], bk[W], ck[W], mk[W];
+  const bool from_out = relu && !FromZ;
+  constexpr bool from_z = FromZ;
+  A ak[W], bk[W], ck[W], mk[W], fs[W], fh[W];
 #pragma unroll
   for (int j = 0; j < W; ++j) {
     ak[j] = a[k0 + j];
     bk[j] = b ? b[k0 + j] * invstd[k0 + j] : A(0);
     ck[j] = b ? c[k0 + j] : A(0);
     mk[j] = b ? mean[k0 + j] : A(0);
+    fs[j] = from_z ? msc[k0 + j] : A(0);
+    fh[j] = from_z ? msh[k0 + j] : A(0);
   }
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; r < M; r += step) {
     const int64_t i0 = r * K + k0;
     const Pack<T, W> gv = ld<T, W>(grad + i0);
     Pack<T, W> ov, zv, dv, rv;
-    if (relu) ov = ld<T, W>(out + i0);
-    if (b) zv = ld<T, W>(z + i0);
+    if (from_out) ov = ld<T, W>(out + i0);
+    if (b || from_z) zv = ld<T, W>(z + i0);
 #pragma unroll
     for (int j = 0; j < W; ++j) {
       A gy = to_acc<A>(gv.v[j]);
-      if (relu && to_acc<A>(ov.v[j]) <= A(0)) gy = 0;  // as threshold_backward: NaN passes
+      if (from_out && to_acc<A>(ov.v[j]) <= A(0)) gy = 0;  // as threshold_backward: NaN passes
+      if (from_z && masked_from_z<T>(to_acc<A>(zv.v[j]), fs[j], fh[j])) gy = 0;
       rv.v[j] = cast_to<T>(gy);
       A d = ak[j] * gy;
       if (b) d += bk[j] * (to_acc<A>(zv.v[j]) - mk[j]) + ck[j];
@@ -449,7 +479,7 @@ cudaError_t launch_bn_apply(const void* z, const void* scale, const void* shift,
 
 cudaError_t launch_bn_bwd_reduce(const void* grad, const void* out, const void* z, const void* mean, void* psum,
                                  void* psumz, int64_t M, int64_t K, int64_t rows, bool relu, DType dtype,
-                                 cudaStream_t stream) {
+                                 cudaStream_t stream, const void* mask_scale, const void* mask_shift) {
   if (M == 0 || K == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto t) {
     using T = decltype(t);
@@ -459,18 +489,26 @@ cudaError_t launch_bn_bwd_reduce(const void* grad, const void* out, const void* 
       dim3 grid(static_cast<unsigned>((M + rows - 1) / rows), pg.chunks);
       kernel<<<grid, dim3(pg.txp, pg.ry), 0, stream>>>(
           static_cast<const T*>(grad), static_cast<const T*>(out), static_cast<const T*>(z),
-          static_cast<const A*>(mean), static_cast<A*>(psum), static_cast<A*>(psumz), M, K, rows, relu);
+          static_cast<const A*>(mean), static_cast<A*>(psum), static_cast<A*>(psumz), M, K, rows, relu,
+          static_cast<const A*>(mask_scale), static_cast<const A*>(mask_shift));
     };
     constexpr int V = kVec<T>;
-    if (K % V == 0 && aligned16(grad) && aligned16(out) && aligned16(z)) go(bn_bwd_reduce_kernel<T, A, V>, V);
-    else go(bn_bwd_reduce_kernel<T, A, 1>, 1);
+    const bool vec = K % V == 0 && aligned16(grad) && aligned16(out) && aligned16(z);
+    if (relu && mask_scale != nullptr) {
+      if (vec) go(bn_bwd_reduce_kernel<T, A, V, true>, V);
+      else go(bn_bwd_reduce_kernel<T, A, 1, true>, 1);
+    } else {
+      if (vec) go(bn_bwd_reduce_kernel<T, A, V, false>, V);
+      else go(bn_bwd_reduce_kernel<T, A, 1, false>, 1);
+    }
     return cudaGetLastError();
   });
 }
 
 cudaError_t launch_bn_bwd_apply(const void* grad, const void* out, const void* z, const void* mean,
                                 const void* invstd, const void* a, const void* b, const void* c, void* dz, void* gres,
-                                int64_t M, int64_t K, bool relu, DType dtype, cudaStream_t stream) {
+                                int64_t M, int64_t K, bool relu, DType dtype, cudaStream_t stream,
+                                const void* mask_scale, const void* mask_shift) {
   if (M == 0 || K == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto t) {
     using T = decltype(t);
@@ -481,13 +519,18 @@ cudaError_t launch_bn_bwd_apply(const void* grad, const void* out, const void* z
           static_cast<const T*>(grad), static_cast<const T*>(out), static_cast<const T*>(z),
           static_cast<const A*>(mean), static_cast<const A*>(invstd), static_cast<const A*>(a),
           static_cast<const A*>(b), static_cast<const A*>(c), static_cast<T*>(dz), static_cast<T*>(gres), M, K,
-          relu);
+          relu, static_cast<const A*>(mask_scale), static_cast<const A*>(mask_shift));
     };
     constexpr int V = kVec<T>;
     const bool vec = K % V == 0 && aligned16(grad) && aligned16(out) && aligned16(z) && aligned16(dz) &&
                      aligned16(gres);
-    if (vec) go(bn_bwd_apply_kernel<T, A, V>, V);
-    else go(bn_bwd_apply_kernel<T, A, 1>, 1);
+    if (relu && mask_scale != nullptr) {
+      if (vec) go(bn_bwd_apply_kernel<T, A, V, true>, V);
+      else go(bn_bwd_apply_kernel<T, A, 1, true>, 1);
+    } else {
+      if (vec) go(bn_bwd_apply_kernel<T, A, V, false>, V);
+      else go(bn_bwd_apply_kernel<T, A, 1, false>, 1);
+    }
     return cudaGetLastError();
   });
 }

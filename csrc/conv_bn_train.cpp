@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include "bn.h"
+#include "conv_bn_train.h"
 
 namespace resnet_fused {
 namespace {
@@ -51,6 +52,14 @@ const auto& finalize_op() {
           const OptTensor&, double, double)>("resnet_fused_C::bn_finalize_affine");
   return h;
 }
+const auto& finalize_inplace_op() {
+  static const auto h =
+      bn_op<std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, int64_t,
+                                                       const OptTensor&, const OptTensor&, const OptTensor&,
+                                                       const OptTensor&, double, double)>(
+          "resnet_fused_C::bn_finalize_affine_");
+  return h;
+}
 const auto& apply_op() {
   static const auto h =
       bn_op<Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, bool)>("resnet_fused_C::bn_apply");
@@ -59,15 +68,16 @@ const auto& apply_op() {
 const auto& bwd_reduce_op() {
   static const auto h =
       bn_op<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                               const Tensor&, const Tensor&, const OptTensor&, bool)>(
+                                                               const Tensor&, const Tensor&, const OptTensor&, bool,
+                                                               const OptTensor&, const OptTensor&)>(
           "resnet_fused_C::bn_bwd_reduce_coef");
   return h;
 }
 const auto& bwd_apply_op() {
   static const auto h =
       bn_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                       const Tensor&, const OptTensor&, const OptTensor&, bool, bool)>(
-          "resnet_fused_C::bn_bwd_apply");
+                                       const Tensor&, const OptTensor&, const OptTensor&, bool, bool,
+                                       const OptTensor&, const OptTensor&)>("resnet_fused_C::bn_bwd_apply");
   return h;
 }
 
@@ -112,13 +122,18 @@ OptTensor as_acc(const OptTensor& t, at::ScalarType acc) {
   return t->to(acc).contiguous();
 }
 
-// Returns (out, z, mean, invstd, new_running_mean, new_running_var), as _forward in training:
-// z the raw conv output, (mean, invstd) the batch statistics, the new running statistics empty
-// when none were given.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train(
+}  // namespace
+
+// Returns (out, z, mean, invstd, new_running_mean, new_running_var, scale, shift), as _forward in
+// training: z the raw conv output, (mean, invstd) the batch statistics, the new running
+// statistics empty when none were given, (scale, shift) the apply's. update_in_place: the
+// finalize updates the given running statistics themselves, which come back as the new ones (the
+// operator conv_bn_train is functional: false).
+TrainForward conv_bn_train(
     const Tensor& x, const Tensor& w, const OptTensor& bn_weight, const OptTensor& bn_bias,
     const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& residual, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double momentum, double eps, bool relu) {
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double momentum, double eps, bool relu,
+    bool update_in_place) {
   check_args(x, w, stride, padding, dilation);
   at::OptionalDeviceGuard guard(at::device_of(x));
   const auto acc = acc_type(x);
@@ -130,9 +145,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train(
   const int64_t rows = partial_rows(M);
   auto [pm, pm2] = stats_op().call(z, rows);
   // the finalize also writes the apply's scale = gamma * invstd and shift = beta - mean * scale
-  auto [mean, invstd, scale, shift, nrm, nrv] =
-      finalize_op().call(pm, pm2, rows, M, running_mean, running_var, as_acc(bn_weight, acc), as_acc(bn_bias, acc),
-                         momentum, eps);
+  Tensor mean, invstd, scale, shift, nrm, nrv;
+  if (update_in_place) {
+    std::tie(mean, invstd, scale, shift) = finalize_inplace_op().call(
+        pm, pm2, rows, M, running_mean, running_var, as_acc(bn_weight, acc), as_acc(bn_bias, acc), momentum, eps);
+    if (defined(running_mean)) {
+      nrm = *running_mean;
+      nrv = *running_var;
+    }
+  } else {
+    std::tie(mean, invstd, scale, shift, nrm, nrv) = finalize_op().call(
+        pm, pm2, rows, M, running_mean, running_var, as_acc(bn_weight, acc), as_acc(bn_bias, acc), momentum, eps);
+  }
   OptTensor res;
   if (defined(residual)) res = canonical_cl(*residual);
   Tensor out = canonical_cl(apply_op().call(z, scale, shift, res, relu));
@@ -140,28 +164,33 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train(
     nrm = at::empty({0}, x.options());
     nrv = at::empty({0}, x.options());
   }
-  return {out, z, mean, invstd, nrm, nrv};
+  return {out, z, mean, invstd, nrm, nrv, scale, shift};
 }
 
 // Gradients (x, weight, bn_weight, bn_bias, residual) of conv_bn_train's out, as _backward_impl
-// in training; entries not asked for in output_mask come back empty.
+// in training; entries not asked for in output_mask come back empty. With mask_scale / mask_shift
+// (the forward's scale / shift; an output without a residual) the ReLU's mask is recomputed from
+// z and out is not read.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train_backward(
     const Tensor& grad_in, const Tensor& x, const Tensor& w, const OptTensor& bn_weight, const Tensor& z,
     const Tensor& out_in, const Tensor& mean, const Tensor& invstd, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, bool relu, std::array<bool, 5> mask) {
+    at::IntArrayRef dilation, int64_t groups, bool relu, std::array<bool, 5> mask, const OptTensor& mask_scale,
+    const OptTensor& mask_shift) {
   check_args(x, w, stride, padding, dilation);
   at::OptionalDeviceGuard guard(at::device_of(x));
   const auto [need_dx, need_dw, need_dg, need_db, need_dr] = mask;
   const auto acc = mean.scalar_type();
   const Tensor grad = canonical_cl(grad_in);
-  // out is the ReLU's mask; without a ReLU the forward's caller need not keep it (nor is it read)
-  const Tensor& out = relu ? out_in : grad;
+  // out is the ReLU's mask; without a ReLU, or with the mask from z, the forward's caller need not
+  // keep it (nor is it read)
+  const Tensor& out = relu && !defined(mask_scale) ? out_in : grad;
   TORCH_CHECK(z.numel() == grad.numel() && z.numel() > 0, kOp,
               "_backward: needs the conv output, which the forward did not save");
   // dbeta = sum(gy), dgamma = sum(gy * xhat); dz = a * gy + b * xhat + c (a = gamma * invstd,
   // b = -a / M * dgamma, c = -a / M * dbeta): the reduction and one small kernel
-  auto [dgamma, dbeta, a, b, c] = bwd_reduce_op().call(grad, out, z, mean, invstd, as_acc(bn_weight, acc), relu);
-  auto [dz, gres] = bwd_apply_op().call(grad, out, z, mean, invstd, a, b, c, relu, need_dr);
+  auto [dgamma, dbeta, a, b, c] =
+      bwd_reduce_op().call(grad, out, z, mean, invstd, as_acc(bn_weight, acc), relu, mask_scale, mask_shift);
+  auto [dz, gres] = bwd_apply_op().call(grad, out, z, mean, invstd, a, b, c, relu, need_dr, mask_scale, mask_shift);
   Tensor dx, dw;
   if (need_dx || need_dw) {
     auto r = at::convolution_backward(dz, x, w, std::nullopt, stride, padding, dilation, false, {0, 0}, groups,
@@ -178,8 +207,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train_backward(
           need_dr ? canonical_cl(gres) : e()};
 }
 
-}  // namespace
-
 TORCH_LIBRARY_FRAGMENT(resnet_fused_C, m) {
   m.def("conv_bn_train(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, "
         "Tensor? running_var, Tensor? residual, int[] stride, int[] padding, int[] dilation, int groups, "
@@ -189,15 +216,35 @@ TORCH_LIBRARY_FRAGMENT(resnet_fused_C, m) {
         "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
+namespace {
+// the operator: functional (the new running statistics are outputs)
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train_op(
+    const Tensor& x, const Tensor& w, const OptTensor& bn_weight, const OptTensor& bn_bias,
+    const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& residual, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double momentum, double eps, bool relu) {
+  auto r = conv_bn_train(x, w, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation,
+                         groups, momentum, eps, relu, false);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r), std::get<5>(r)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train_backward_op(
+    const Tensor& grad, const Tensor& x, const Tensor& w, const OptTensor& bn_weight, const Tensor& z,
+    const Tensor& out, const Tensor& mean, const Tensor& invstd, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, bool relu, std::array<bool, 5> mask) {
+  return conv_bn_train_backward(grad, x, w, bn_weight, z, out, mean, invstd, stride, padding, dilation, groups, relu,
+                                mask, std::nullopt, std::nullopt);
+}
+}  // namespace
+
 TORCH_LIBRARY_IMPL(resnet_fused_C, CUDA, m) {
-  m.impl("conv_bn_train", &conv_bn_train);
-  m.impl("conv_bn_train_backward", &conv_bn_train_backward);
+  m.impl("conv_bn_train", &conv_bn_train_op);
+  m.impl("conv_bn_train_backward", &conv_bn_train_backward_op);
 }
 
 // Device-generic orchestration: runs on the CPU where CPU bn_* kernels are registered (tests).
 TORCH_LIBRARY_IMPL(resnet_fused_C, CPU, m) {
-  m.impl("conv_bn_train", &conv_bn_train);
-  m.impl("conv_bn_train_backward", &conv_bn_train_backward);
+  m.impl("conv_bn_train", &conv_bn_train_op);
+  m.impl("conv_bn_train_backward", &conv_bn_train_backward_op);
 }
 
 }  // namespace resnet_fused

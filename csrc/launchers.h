@@ -29,7 +29,8 @@ cudaError_t launch_bn_stats(const void* z, void* pmean, void* pm2, int64_t M, in
                             cudaStream_t stream);
 
 // Chan merge of the partials into mean and 1/sqrt(var + eps); when running_mean is not
-// null also writes the updated running statistics (momentum, unbiased variance) to new_*; when
+// null also writes the updated running statistics (momentum, unbiased variance) to new_* (which
+// may be running_* themselves: an update in place); when
 // scale is not null also the apply's scale = gamma * invstd and shift = beta - mean * scale
 // (gamma / beta: acc-typed [K], null for 1 / 0).
 cudaError_t launch_bn_finalize(const void* pmean, const void* pm2, int64_t G, int64_t K, int64_t M, int64_t rows,
@@ -42,10 +43,13 @@ cudaError_t launch_bn_finalize(const void* pmean, const void* pm2, int64_t G, in
 cudaError_t launch_bn_apply(const void* z, const void* scale, const void* shift, const void* residual, void* out,
                             int64_t M, int64_t K, bool relu, DType dtype, cudaStream_t stream);
 
-// Per-chunk sums of gy and gy * (z - mean[k]), gy = relu ? grad * (out > 0) : grad.
+// Per-chunk sums of gy and gy * (z - mean[k]), gy = relu ? grad * (out > 0) : grad. With
+// mask_scale / mask_shift (acc-typed [K], the forward apply's scale / shift; only for an output
+// without a residual) the ReLU's mask is recomputed from z instead: out is not read (may be null).
 cudaError_t launch_bn_bwd_reduce(const void* grad, const void* out, const void* z, const void* mean, void* psum,
                                  void* psumz, int64_t M, int64_t K, int64_t rows, bool relu, DType dtype,
-                                 cudaStream_t stream);
+                                 cudaStream_t stream, const void* mask_scale = nullptr,
+                                 const void* mask_shift = nullptr);
 
 // The backward's per-channel terms from bn_bwd_reduce's G partials (acc-typed, gamma null for 1):
 // dbeta = sum(gy), dgamma = sum(gy * (z - mean)) * invstd, a = gamma * invstd,
@@ -54,9 +58,11 @@ cudaError_t launch_bn_bwd_coef(const void* psum, const void* psumz, int64_t G, i
                                const void* invstd, void* dgamma, void* dbeta, void* a, void* b, void* c, bool acc_f64,
                                cudaStream_t stream);
 
-// dz = a[k] * gy + (b ? b[k] * (z - mean[k]) * invstd[k] + c[k] : 0); gres = gy when not null.
+// dz = a[k] * gy + (b ? b[k] * (z - mean[k]) * invstd[k] + c[k] : 0); gres = gy when not null;
+// the ReLU's mask from out, or from z with mask_scale / mask_shift (as launch_bn_bwd_reduce).
 cudaError_t launch_bn_bwd_apply(const void* grad, const void* out, const void* z, const void* mean,
                                 const void* invstd, const void* a, const void* b, const void* c, void* dz, void* gres,
-                                int64_t M, int64_t K, bool relu, DType dtype, cudaStream_t stream);
+                                int64_t M, int64_t K, bool relu, DType dtype, cudaStream_t stream,
+                                const void* mask_scale = nullptr, const void* mask_shift = nullptr);
 
 }  // namespace resnet_fused

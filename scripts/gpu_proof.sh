@@ -111,7 +111,11 @@ if [ "$STAGE" = host ]; then  # docs/perf.md lead 9
     run "prof_$1_$2" 45 python3 scripts/profile_step.py --impl "$1" --mode "$2" --top 25
     head -1 "$P/prof_$1_$2.log"
   done
-  # lead 9 step 3: the same step through the Python orchestration (launch count and wall time)
+  # lead 9 steps 3 and 4: the same step through the Python autograd node over the C++ calls, and
+  # through the Python orchestration (launch count and wall time)
+  run prof_fused-cuda_train_pynode 45 python3 scripts/profile_step.py --impl fused-cuda --mode train --top 25 \
+    --cuda-train-path c++
+  head -1 "$P/prof_fused-cuda_train_pynode.log"
   run prof_fused-cuda_train_python 45 python3 scripts/profile_step.py --impl fused-cuda --mode train --top 25 \
     --cuda-train-path python
   head -1 "$P/prof_fused-cuda_train_python.log"

@@ -11,8 +11,9 @@ relu on the same tiny problem, for the custom-op path and the eager fast path
 * ``--device cpu`` (no GPU needed): the CUDA backend's host path on CPU tensors, with CPU
   implementations of the extension's kernel ops that only allocate their outputs (C++:
   scripts/host_overhead_stubs.cpp, compiled on first use); the conv itself is ATen's on the CPU
-  (tiny). The training step is timed through the C++ path (csrc/conv_bn_train.cpp) and through
-  the Python orchestration it replaced. Host costs on a GPU are higher per ATen op (kernel launches), so
+  (tiny). The training step is timed through the C++ autograd node (csrc/conv_bn_train_node.cpp),
+  through the Python autograd.Function over the same C++ calls (csrc/conv_bn_train.cpp), and
+  through the Python orchestration they replaced. Host costs on a GPU are higher per ATen op (kernel launches), so
   read the CPU figures as a lower bound and as a comparison between paths.
 
     python scripts/host_overhead.py [--device cpu|cuda] [--backend cuda|triton] [--iters N]
@@ -109,18 +110,24 @@ def main(argv=None):
     rows = [("eager", "train fwd+bwd", _per_call_us(eager_train, args.iters, sync)),
             ("eager", "eval fwd", _per_call_us(eager_eval, args.iters, sync))]
     with resnet_fused.use_backend(backend):
-        paths = [(False, True), (True, True)] + ([(True, False)] if backend == "cuda" else [])
-        for direct, cpp in paths:
+        # (fast path?, training in C++?, C++ autograd node?)
+        paths = [(False, True, True), (True, True, True)]
+        if backend == "cuda":
+            paths += [(True, True, False), (True, False, False)]
+        for direct, cpp, node in paths:
             _common.DIRECT[0] = direct
             cuda_impl.CPP_TRAIN[0] = cpp
+            cuda_impl.CPP_NODE[0] = node
             name = f"fused-{backend} {'fast path' if direct else 'custom op'}"
             if backend == "cuda":
-                name += ", training in C++" if cpp else ", training in Python"
+                name += (", training in C++" if cpp else ", training in Python") + (
+                    (", C++ autograd node" if node else ", Python autograd node") if direct else "")
             rows.append((name, "train fwd+bwd", _per_call_us(fused_train, args.iters, sync)))
-            if cpp or backend != "cuda":  # (eval is the same call either way)
+            if node or backend != "cuda":  # (eval is the same call either way)
                 rows.append((name, "eval fwd", _per_call_us(fused_eval, args.iters, sync)))
     _common.DIRECT[0] = True
     cuda_impl.CPP_TRAIN[0] = True
+    cuda_impl.CPP_NODE[0] = True
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

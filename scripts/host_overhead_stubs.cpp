@@ -34,6 +34,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_finalize_affine(
   return {mean, invstd, at::empty_like(mean), at::empty_like(mean), nrm, nrv};
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize_affine_(const Tensor& pm, const Tensor&, int64_t, int64_t,
+                                                                const OptTensor&, const OptTensor&, const OptTensor&,
+                                                                const OptTensor&, double, double) {
+  const int64_t K = pm.size(1);
+  return {at::empty({K}, pm.options()), at::empty({K}, pm.options()), at::empty({K}, pm.options()),
+          at::empty({K}, pm.options())};
+}
+
 Tensor bn_apply(const Tensor& z, const Tensor&, const Tensor&, const OptTensor&, bool) { return at::empty_like(z); }
 
 std::tuple<Tensor, Tensor> bn_bwd_reduce(const Tensor& g, const Tensor&, const Tensor&, const Tensor& mean, bool) {
@@ -42,13 +50,15 @@ std::tuple<Tensor, Tensor> bn_bwd_reduce(const Tensor& g, const Tensor&, const T
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_bwd_reduce_coef(const Tensor& g, const Tensor&, const Tensor&,
                                                                        const Tensor& mean, const Tensor&,
-                                                                       const OptTensor&, bool) {
+                                                                       const OptTensor&, bool, const OptTensor&,
+                                                                       const OptTensor&) {
   return {at::empty_like(mean), at::empty_like(mean), at::empty_like(mean), at::empty_like(mean),
           at::empty_like(mean)};
 }
 
 std::tuple<Tensor, Tensor> bn_bwd_apply(const Tensor& g, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                        const Tensor&, const OptTensor&, const OptTensor&, bool, bool store) {
+                                        const Tensor&, const OptTensor&, const OptTensor&, bool, bool store,
+                                        const OptTensor&, const OptTensor&) {
   return {at::empty_like(g), store ? at::empty_like(g) : at::empty({0}, g.options())};
 }
 
@@ -66,6 +76,7 @@ TORCH_LIBRARY_IMPL(resnet_fused_C, CPU, m) {
   m.impl("bn_stats", &bn_stats);
   m.impl("bn_finalize", &bn_finalize);
   m.impl("bn_finalize_affine", &bn_finalize_affine);
+  m.impl("bn_finalize_affine_", &bn_finalize_affine_);
   m.impl("bn_apply", &bn_apply);
   m.impl("bn_bwd_reduce", &bn_bwd_reduce);
   m.impl("bn_bwd_reduce_coef", &bn_bwd_reduce_coef);

@@ -27,12 +27,14 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--cuda-train-path", default="c++", choices=["c++", "python"],
-                    help="fused-cuda training: the C++ layer calls (default) or the Python orchestration")
+    ap.add_argument("--cuda-train-path", default="node", choices=["node", "c++", "python"],
+                    help="fused-cuda training: one operator with a C++ autograd node (default), the C++ layer "
+                         "calls under a Python autograd.Function, or the Python orchestration")
     a = ap.parse_args()
     from resnet_fused.ops.conv_bn_relu import cuda as cuda_impl
 
-    cuda_impl.CPP_TRAIN[0] = a.cuda_train_path == "c++"
+    cuda_impl.CPP_TRAIN[0] = a.cuda_train_path != "python"
+    cuda_impl.CPP_NODE[0] = a.cuda_train_path == "node"
     torch.manual_seed(0)
     m = torchvision.models.resnet50().cuda().to(memory_format=torch.channels_last)
     if a.impl.startswith("fused-"):

@@ -174,3 +174,21 @@ def test_gpu_graph_timing_excludes_host_time():
 
     times, why = run.time_graph(sync_step, 3)
     assert times is None and why
+
+
+@pytest.mark.skipif(not __import__("resnet_fused")._ext.LOADED and os.environ.get("RESNET_FUSED_REQUIRE_CUDA_EXT") != "1",
+                    reason="CUDA extension not loaded")
+def test_host_overhead_cpu_mode_runs_every_path(tmp_path):
+    """scripts/host_overhead.py --device cpu compiles its C++ stand-ins of the extension's kernels
+    (their signatures must follow the ops': a drift aborts the process at load) and times every
+    path of the CUDA backend's host code; a couple of calls each, no timing asserted."""
+    env = dict(_no_interpreter(), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "host_overhead.py"), "--device", "cpu",
+                        "--iters", "2"], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for row in ("| eager | train fwd+bwd |", "| fused-cuda custom op, training in C++ | train fwd+bwd |",
+                "| fused-cuda fast path, training in C++, C++ autograd node | train fwd+bwd |",
+                "| fused-cuda fast path, training in C++, C++ autograd node | eval fwd |",
+                "| fused-cuda fast path, training in C++, Python autograd node | train fwd+bwd |",
+                "| fused-cuda fast path, training in Python, Python autograd node | train fwd+bwd |"):
+        assert row in r.stdout, (row, r.stdout)

@@ -167,6 +167,13 @@ def test_cuda_training_path_coefficients_against_float64(case, dtype):
             # with running statistics in the affine case (fp32 buffers, as a BatchNorm module's), without otherwise
             rm, rv = (torch.zeros(K, device="cuda"), torch.ones(K, device="cuda")) if affine else (None, None)
             mean, invstd, scale, shift, nrm, nrv = ops.bn_finalize_affine(pm, pm2, rows, M, rm, rv, gm, bt, 0.1, 1e-5)
+            # in place (the C++ autograd node's): the same bits, written over the running statistics
+            irm, irv = (rm.clone(), rv.clone()) if affine else (None, None)
+            got = ops.bn_finalize_affine_(pm, pm2, rows, M, irm, irv, gm, bt, 0.1, 1e-5)
+            for a, e in zip(got, (mean, invstd, scale, shift)):
+                assert torch.equal(a, e)
+            if affine:
+                assert torch.equal(irm, nrm) and torch.equal(irv, nrv)
             if affine:
                 _close(nrm, 0.1 * mu, 1e-6, 1e-5, f"running mean M={M}")
                 _close(nrv, 0.9 + 0.1 * zd.var(0, unbiased=True), 1e-5, 1e-5, f"running var M={M}")

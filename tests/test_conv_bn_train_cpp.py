@@ -27,7 +27,7 @@ from resnet_fused.ops.conv_bn_relu import conv_bn_relu_reference
 from resnet_fused.ops.conv_bn_relu import cuda as cuda_impl
 from resnet_fused.ops.conv_bn_relu import reference as R
 
-from conftest import REQUIRE_EXT, assert_close
+from conftest import NO_CUDA, REQUIRE_EXT, assert_close
 from test_conv_bn_relu import make
 
 pytestmark = pytest.mark.skipif(not _ext.LOADED and not REQUIRE_EXT, reason=f"CUDA extension not loaded: {_ext.ERROR}")
@@ -78,6 +78,14 @@ def _finalize_affine(pm, pm2, rows, M, rm, rv, gamma, beta, momentum, eps):
     return mean, invstd, scale, shift, (e if nrm is None else nrm), (e.clone() if nrv is None else nrv)
 
 
+def _finalize_affine_(pm, pm2, rows, M, rm, rv, gamma, beta, momentum, eps):  # the C++ node's: in place
+    mean, invstd, scale, shift, nrm, nrv = _finalize_affine(pm, pm2, rows, M, rm, rv, gamma, beta, momentum, eps)
+    if rm is not None:
+        rm.copy_(nrm)
+        rv.copy_(nrv)
+    return mean, invstd, scale, shift
+
+
 def _finalize(pm, pm2, rows, M, rm, rv, momentum, eps):  # the Python orchestration's
     mean, invstd, _, _, nrm, nrv = _finalize_affine(pm, pm2, rows, M, rm, rv, None, None, momentum, eps)
     return mean, invstd, nrm, nrv
@@ -99,11 +107,29 @@ def _bwd_reduce(grad, out, z, mean, relu):
     return R.bn_bwd_reduce(grad, out, z, mean, relu)
 
 
-def _bwd_reduce_coef(grad, out, z, mean, invstd, gamma, relu):
+# Calls of the backward stand-ins that took the ReLU's mask from z (mask_scale / mask_shift: the C++
+# node, for an output without a residual) instead of from the output.
+MASK_FROM_Z: list[str] = []
+
+
+def _mask_out(name, grad, out, z, relu, msc, msh):
+    """The output whose mask the kernel uses: the given one, or (mask from z) the forward apply's
+    output recomputed from z, as the CUDA kernels compute the mask (the same function, same bits)."""
+    if msc is None and msh is None:
+        return out
+    assert relu and msc is not None and msh is not None, f"{name}: mask_scale / mask_shift without a ReLU or alone"
+    _vec(msc, grad.shape[1], _acc(grad), "mask_scale")
+    _vec(msh, grad.shape[1], _acc(grad), "mask_shift")
+    MASK_FROM_Z.append(name)
+    return _apply(z, msc, msh, None, True)
+
+
+def _bwd_reduce_coef(grad, out, z, mean, invstd, gamma, relu, mask_scale=None, mask_shift=None):
     K = grad.shape[1]
     _vec(invstd, K, _acc(grad), "invstd")
     if gamma is not None:
         _vec(gamma, K, _acc(grad), "gamma")
+    out = _mask_out("bn_bwd_reduce_coef", grad, out, z, relu, mask_scale, mask_shift)
     sum_gy, sum_gyz = _bwd_reduce(grad, out, z, mean, relu)
     M = grad.numel() // K
     dgamma = sum_gyz * invstd
@@ -111,9 +137,10 @@ def _bwd_reduce_coef(grad, out, z, mean, invstd, gamma, relu):
     return dgamma, sum_gy, a, -a / M * dgamma, -a / M * sum_gy
 
 
-def _bwd_apply(grad, out, z, mean, invstd, a, b, c, relu, store_gres):
+def _bwd_apply(grad, out, z, mean, invstd, a, b, c, relu, store_gres, mask_scale=None, mask_shift=None):
     K = grad.shape[1]
     _nhwc(grad, grad, "grad")
+    out = _mask_out("bn_bwd_apply", grad, out, z, relu, mask_scale, mask_shift)
     if relu:
         _nhwc(out, grad, "out")
     _vec(a, K, _acc(grad), "a")
@@ -125,7 +152,8 @@ def _bwd_apply(grad, out, z, mean, invstd, a, b, c, relu, store_gres):
     return dz, (grad.new_empty(0) if gres is None else gres)
 
 
-_CPU_KERNELS = {"bn_stats": _stats, "bn_finalize_affine": _finalize_affine, "bn_finalize": _finalize,
+_CPU_KERNELS = {"bn_stats": _stats, "bn_finalize_affine": _finalize_affine, "bn_finalize_affine_": _finalize_affine_,
+                "bn_finalize": _finalize,
                 "bn_apply": _apply, "bn_bwd_reduce": _bwd_reduce, "bn_bwd_reduce_coef": _bwd_reduce_coef,
                 "bn_bwd_apply": _bwd_apply}
 
@@ -203,10 +231,16 @@ def test_forward_op_matches_eager_composite(geom, dtype, variant):
         assert torch.equal(mine["running_mean"], bn["running_mean"])
 
 
+def _node_name(t):
+    return t.grad_fn.name() if t.grad_fn is not None else None
+
+
 @pytest.mark.parametrize("geom", [(8, 16, 12, 12, 1, 1, 0, 1, 1), "3x3g8s2", "7x7s2-stem"])
-@pytest.mark.parametrize("direct", [True, False], ids=["fast-path", "custom-op"])
-def test_public_op_on_the_cuda_backend_takes_the_cpp_path(cuda_backend_on_cpu, geom, direct, monkeypatch):
+@pytest.mark.parametrize("direct,node", [(True, True), (True, False), (False, True)],
+                         ids=["fast-path", "fast-path-python-node", "custom-op"])
+def test_public_op_on_the_cuda_backend_takes_the_cpp_path(cuda_backend_on_cpu, geom, direct, node, monkeypatch):
     monkeypatch.setattr(_common, "DIRECT", [direct])
+    monkeypatch.setattr(cuda_impl, "CPP_NODE", [node])
     x, w, bn, res, conv = make(geom, "cpu", torch.float32)
     leaves = [t.detach().clone().requires_grad_() for t in (x, w, bn["bn_weight"], bn["bn_bias"], res)]
     gout = torch.randn(res.shape)
@@ -215,9 +249,14 @@ def test_public_op_on_the_cuda_backend_takes_the_cpp_path(cuda_backend_on_cpu, g
         out = conv_bn_relu(leaves[0], leaves[1], leaves[2], leaves[3], rm, rv, residual=leaves[4], training=True,
                            **conv)
         got = torch.autograd.grad(out, leaves, gout)
-    assert (cuda_impl.TRAIN_PATH, "c++") in trace and (cuda_impl.TRAIN_PATH + "_backward", "c++") in trace, trace
-    assert cuda_backend_on_cpu == ["bn_stats", "bn_finalize_affine", "bn_apply", "bn_bwd_reduce_coef",
-                                   "bn_bwd_apply"]
+    if direct and node:  # one operator with a C++ autograd node: its backward runs without Python (no note)
+        assert trace == [("conv_bn_relu", "cuda"), (cuda_impl.TRAIN_PATH, "c++ node")], trace
+        assert "ConvBnReluTrain" in _node_name(out), _node_name(out)
+    else:
+        assert (cuda_impl.TRAIN_PATH, "c++") in trace and (cuda_impl.TRAIN_PATH + "_backward", "c++") in trace, trace
+    # (the C++ node's finalize updates the running statistics in place)
+    assert cuda_backend_on_cpu == ["bn_stats", "bn_finalize_affine_" if direct and node else "bn_finalize_affine",
+                                   "bn_apply", "bn_bwd_reduce_coef", "bn_bwd_apply"]
     erm, erv = bn["running_mean"].clone(), bn["running_var"].clone()
     exp_out = conv_bn_relu_reference(*leaves[:4], erm, erv, residual=leaves[4], training=True, **conv)
     exp = torch.autograd.grad(exp_out, leaves, gout)
@@ -232,8 +271,10 @@ def test_public_op_on_the_cuda_backend_takes_the_cpp_path(cuda_backend_on_cpu, g
     assert got[4].stride() == _cl_strides(got[4])
 
 
+@pytest.mark.parametrize("node", [True, False], ids=["cpp-node", "python-node"])
 @pytest.mark.parametrize("relu,residual", [(True, True), (False, False)])
-def test_gradcheck_float64_through_the_cpp_path(cuda_backend_on_cpu, relu, residual):
+def test_gradcheck_float64_through_the_cpp_path(cuda_backend_on_cpu, relu, residual, node, monkeypatch):
+    monkeypatch.setattr(cuda_impl, "CPP_NODE", [node])
     geom = (4, 4, 4, 4, 3, 2, 1, 1, 2)  # grouped, strided, padded
     x, w, bn, res, conv = make(geom, "cpu", torch.float64, N=2, residual=residual)
     rm, rv = bn["running_mean"], bn["running_var"]
@@ -246,7 +287,9 @@ def test_gradcheck_float64_through_the_cpp_path(cuda_backend_on_cpu, relu, resid
     inputs += [res.detach().clone().requires_grad_()] if residual else []
     with resnet_fused.use_backend("cuda"), resnet_fused.dispatch_trace() as trace:
         assert torch.autograd.gradcheck(f, inputs, atol=1e-6, rtol=1e-5)
-    assert (cuda_impl.TRAIN_PATH + "_backward", "c++") in trace
+        out = f(*inputs)
+    assert ("ConvBnReluTrain" in _node_name(out)) == node, _node_name(out)
+    assert ((cuda_impl.TRAIN_PATH + "_backward", "c++") in trace) == (not node)
 
 
 @pytest.mark.parametrize("mask", [[True, False, False, False, False], [False, True, True, False, False],
@@ -357,3 +400,255 @@ def test_cpp_and_python_orchestration_agree(case, relu, residual, monkeypatch):
     for outs in (results[True][:6], results[True][6:]):
         live = [t.data_ptr() for t in outs if t.numel()]
         assert len(set(live)) == len(live), "outputs share memory"
+
+
+# --- the C++ autograd node (csrc/conv_bn_train_node.cpp) ---------------------------------------
+def _layer(case, residual):
+    dt, pdt, variant = _PARITY[case]
+    geom = (8, 8, 3, 3, 3, 1, 0, 1, 1) if variant == "1x1-out" else (8, 16, 5, 6, 3, 2, 1, 1, 2)
+    x, w, bn, res, conv = make(geom, "cpu", torch.float64, N=3, residual=residual)
+    bn = {k: (v.to(pdt) if v is not None else None) for k, v in bn.items()}
+    if variant == "no-affine":
+        bn.update(bn_weight=None, bn_bias=None)
+    if variant == "weight-only":
+        bn.update(bn_bias=None)
+    if variant == "no-running":
+        bn.update(running_mean=None, running_var=None)
+    x, w = x.to(dt), w.to(dt)
+    res = res.to(dt) if res is not None else None
+    if variant in ("nchw", "1x1-out"):
+        x, w = x.contiguous(), w.contiguous(memory_format=torch.channels_last)
+    return x, w, bn, res, conv
+
+
+def _run_layer(node, x, w, bn, res, conv, need, relu=True, recompute=False, create_graph=False, seed=3):
+    """conv_bn_relu on the cuda backend (fast path) with the C++ node or the Python one; need: which of
+    (x, weight, bn_weight, bn_bias, residual) require gradients. Returns (out, running stats, grads, out's node)."""
+    cuda_impl.CPP_NODE[0] = node
+    try:
+        ts = [x, w, bn["bn_weight"], bn["bn_bias"], res]
+        leaves = [t.detach().clone().requires_grad_(n) if t is not None else None for t, n in zip(ts, need)]
+        rm = bn["running_mean"].clone() if bn["running_mean"] is not None else None
+        rv = bn["running_var"].clone() if bn["running_var"] is not None else None
+        with resnet_fused.use_backend("cuda"):
+            out = conv_bn_relu(leaves[0], leaves[1], leaves[2], leaves[3], rm, rv, residual=leaves[4],
+                               training=True, relu=relu, recompute=recompute, **conv)
+        gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+        wrt = [t for t, n in zip(leaves, need) if t is not None and n]
+        grads = torch.autograd.grad(out, wrt, gout, create_graph=create_graph) if wrt else ()
+        return out, (rm, rv), grads, _node_name(out)
+    finally:
+        cuda_impl.CPP_NODE[0] = True
+
+
+_NEEDS = {"all": (True,) * 5, "x": (True, False, False, False, False), "w": (False, True, False, False, False),
+          "bias-res": (False, False, False, True, True), "gamma-res": (False, False, True, False, True)}
+
+
+@pytest.mark.parametrize("need", list(_NEEDS))
+@pytest.mark.parametrize("case", list(_PARITY))
+@pytest.mark.parametrize("relu,residual", [(True, True), (True, False), (False, False)],
+                         ids=["relu-res", "relu", "plain"])
+def test_cpp_node_matches_the_python_node_bit_for_bit(cuda_backend_on_cpu, case, relu, residual, need):
+    """The C++ node against the autograd.Function it replaces, over the same C++ calls: identical outputs,
+    running statistics and gradients (values, dtypes, strides) for every subset of inputs needing a
+    gradient, with BatchNorm parameters or the residual absent (the node's inputs shift then). With a
+    ReLU and no residual the node's backward takes the ReLU's mask from z (not from the output)."""
+    x, w, bn, res, conv = _layer(case, residual)
+    MASK_FROM_Z.clear()
+    runs = {node: _run_layer(node, x, w, bn, res, conv, _NEEDS[need], relu=relu) for node in (True, False)}
+    if runs[True][3] is not None and relu and not residual:
+        assert MASK_FROM_Z == ["bn_bwd_reduce_coef", "bn_bwd_apply"]
+    else:
+        assert MASK_FROM_Z == []
+    if any(t is not None and n for t, n in zip((x, w, bn["bn_weight"], bn["bn_bias"], res), _NEEDS[need])):
+        assert "ConvBnReluTrain" in runs[True][3] and "ConvBnReluTrain" not in runs[False][3]
+    else:  # nothing to differentiate: no node on either path
+        assert runs[True][3] is None and runs[False][3] is None
+    (o1, s1, g1, _), (o2, s2, g2, _) = runs[True], runs[False]
+    assert o1.stride() == o2.stride() and torch.equal(o1, o2)
+    for a, e in zip(s1, s2):
+        assert (a is None and e is None) or (a.dtype == e.dtype and torch.equal(a, e))
+    assert len(g1) == len(g2)
+    for a, e in zip(g1, g2):
+        assert (a.dtype, a.shape, a.stride()) == (e.dtype, e.shape, e.stride())
+        assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("relu,residual", [(True, True), (True, False), (False, True)],
+                         ids=["relu-res", "relu", "res"])
+def test_cpp_node_keeps_what_the_python_node_keeps(cuda_backend_on_cpu, relu, residual):
+    """Saved for the backward: x, weight, gamma, z (unless recompute), the output only as the ReLU's mask,
+    mean and invstd; with recompute the backward convolves again, to the same gradients. The C++ node
+    keeps the apply's [K] scale and shift instead of the output where the mask comes from z (a ReLU, no
+    residual, no recompute)."""
+    x, w, bn, res, conv = _layer("fp32", residual)
+    for recompute in (False, True):
+        shapes = {}
+        for node in (True, False):
+            saved = []
+
+            def pack(t):
+                saved.append(tuple(t.shape))
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                runs = _run_layer(node, x, w, bn, res, conv, (True,) * 5, relu=relu, recompute=recompute)
+            shapes[node] = sorted(saved)
+            if node:
+                base = runs
+            else:
+                for a, e in zip(base[2], runs[2]):
+                    assert torch.equal(a, e)
+        out_shape, K = tuple(base[0].shape), base[0].shape[1]
+        assert shapes[False].count(out_shape) == (0 if recompute else 1) + (1 if relu else 0), shapes[False]
+        if relu and not residual and not recompute:  # the mask from z: two [K] vectors for the output
+            want = sorted([s for s in shapes[False] if s != out_shape] + [out_shape, (K,), (K,)])
+            assert shapes[True] == want, (shapes[True], want)
+        else:
+            assert shapes[True] == shapes[False], shapes
+        if recompute:
+            kept = _run_layer(True, x, w, bn, res, conv, (True,) * 5, relu=relu)
+            for a, e in zip(base[2], kept[2]):
+                assert torch.equal(a, e)
+
+
+def test_cpp_node_refuses_double_backward(cuda_backend_on_cpu):
+    x, w, bn, res, conv = _layer("fp64", True)
+    out, _, grads, _ = _run_layer(True, x, w, bn, res, conv, (True,) * 5, create_graph=True)
+    # the first backward may build a graph (a gradient penalty's first step); differentiating it raises
+    assert all(g.requires_grad for g in grads)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        sum(g.sum() for g in grads).backward()
+    # an output gradient that itself requires grad (the gradient of out.square().sum())
+    xr = x.detach().clone().requires_grad_()
+    with resnet_fused.use_backend("cuda"):
+        out = conv_bn_relu(xr, w, bn["bn_weight"], bn["bn_bias"], bn["running_mean"].clone(),
+                           bn["running_var"].clone(), residual=res, training=True, **conv)
+    assert "ConvBnReluTrain" in _node_name(out)
+    (gx,) = torch.autograd.grad(out.square().sum(), xr, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        gx.sum().backward()
+
+
+def test_cpp_node_under_compiled_autograd(cuda_backend_on_cpu):
+    """Compiled autograd calls the C++ node as an opaque function: the gradients of the plain backward."""
+    from torch._dynamo import compiled_autograd
+
+    x, w, bn, res, conv = _layer("fp32", True)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, bn["bn_weight"], bn["bn_bias"], res)]
+    with resnet_fused.use_backend("cuda"):
+        out = conv_bn_relu(*leaves[:4], bn["running_mean"].clone(), bn["running_var"].clone(), residual=leaves[4],
+                           training=True, **conv)
+    assert "ConvBnReluTrain" in _node_name(out)
+    exp = torch.autograd.grad(out.square().sum(), leaves, retain_graph=True)
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        out.square().sum().backward()
+    for leaf, e in zip(leaves, exp):
+        assert_close(leaf.grad, e, 1e-6, 1e-6)
+
+
+def test_cpp_node_without_gradients_updates_the_running_statistics(cuda_backend_on_cpu):
+    """Under no_grad and inference_mode (the operator's CPU kernel, below the Autograd key) the layer
+    runs with no node and updates the running statistics in place, as with gradients."""
+    x, w, bn, res, conv = _layer("fp32", True)
+    exp, (erm, erv), _, _ = _run_layer(True, x, w, bn, res, conv, (False,) * 5)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        rm, rv = bn["running_mean"].clone(), bn["running_var"].clone()
+        with ctx(), resnet_fused.use_backend("cuda"), resnet_fused.dispatch_trace() as trace:
+            out = conv_bn_relu(x, w, bn["bn_weight"], bn["bn_bias"], rm, rv, residual=res, training=True, **conv)
+        assert (cuda_impl.TRAIN_PATH, "c++ node") in trace and out.grad_fn is None
+        assert torch.equal(out, exp) and torch.equal(rm, erm) and torch.equal(rv, erv)
+        assert not torch.equal(rm, bn["running_mean"])
+
+
+def test_cpp_node_under_activation_checkpointing(cuda_backend_on_cpu):
+    """torch.utils.checkpoint (non-reentrant: saved-tensor hooks on the C++ node) gives the gradients of
+    the plain run."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, w, bn, res, conv = _layer("fp64", True)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, bn["bn_weight"], bn["bn_bias"], res)]
+
+    def f(x, w, g, b, r):
+        return conv_bn_relu(x, w, g, b, bn["running_mean"].clone(), bn["running_var"].clone(), residual=r,
+                            training=True, **conv)
+
+    with resnet_fused.use_backend("cuda"):
+        plain = torch.autograd.grad(f(*leaves).square().sum(), leaves)
+        ck = checkpoint(f, *leaves, use_reentrant=False)
+        assert "ConvBnReluTrain" in _node_name(ck)  # (non-reentrant: the layer's own node, hooks on its saves)
+        got = torch.autograd.grad(ck.square().sum(), leaves)
+    for a, e in zip(got, plain):
+        assert_close(a, e, 1e-12, 1e-12)
+
+
+def test_cpp_node_not_taken_where_the_python_paths_must_run(cuda_backend_on_cpu):
+    """Synchronized BatchNorm and calls that something may intercept (here a TorchFunctionMode) keep
+    their paths; only plain eager training calls on the cuda backend take the node."""
+    x, w, bn, res, conv = _layer("fp32", True)
+    args = (x, w, bn["bn_weight"].clone().requires_grad_(), bn["bn_bias"], bn["running_mean"].clone(),
+            bn["running_var"].clone())
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with resnet_fused.use_backend("cuda"), resnet_fused.dispatch_trace() as trace, Mode():
+        out = conv_bn_relu(*args, residual=res, training=True, **conv)
+    assert (cuda_impl.TRAIN_PATH, "c++") in trace and (cuda_impl.TRAIN_PATH, "c++ node") not in trace
+    assert "ConvBnReluTrain" not in _node_name(out)
+    with resnet_fused.use_backend("cuda"), resnet_fused.dispatch_trace() as trace:
+        out = conv_bn_relu(*args, residual=res, training=False, **conv)
+    assert (cuda_impl.TRAIN_PATH, "c++ node") not in trace
+
+
+def test_model_training_step_through_the_cpp_node(cuda_backend_on_cpu):
+    """A ResNet training step on the cuda backend: every conv layer through the C++ node, the same loss,
+    gradients and running statistics as through the Python node."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64).to(memory_format=torch.channels_last)
+    results = {}
+    for node in (True, False):
+        cuda_impl.CPP_NODE[0] = node
+        try:
+            torch.manual_seed(1)
+            with resnet_fused.use_backend("cuda"):
+                m = resnet_fused.resnet18(num_classes=10).double().to(memory_format=torch.channels_last).train()
+                with resnet_fused.dispatch_trace() as trace:
+                    loss = m(x).square().mean()
+                loss.backward()
+        finally:
+            cuda_impl.CPP_NODE[0] = True
+        assert trace.count((cuda_impl.TRAIN_PATH, "c++ node")) == (20 if node else 0)
+        results[node] = (loss, {k: v.clone() for k, v in m.state_dict().items()},
+                         {k: p.grad for k, p in m.named_parameters()})
+    (l1, s1, g1), (l2, s2, g2) = results[True], results[False]
+    assert torch.equal(l1, l2)
+    for k in s1:
+        assert torch.equal(s1[k], s2[k]), k
+    for k in g1:
+        assert torch.equal(g1[k], g2[k]), k
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="no CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_cpp_node_against_the_python_node(dtype):
+    """On a GPU, with the real kernels: the C++ node is the path a training layer takes, with the
+    outputs, running statistics and gradients of the Python node over the same calls (up to the
+    order of cuDNN's weight-gradient accumulation)."""
+    if "cuda" not in _backends.available_backends():
+        pytest.skip("CUDA extension not loaded")
+    x, w, bn, res, conv = make("3x3s2", "cuda", torch.float32, N=8, residual=True)
+    x, w, res = x.to(dtype), w.to(dtype), res.to(dtype)
+    runs = {node: _run_layer(node, x, w, bn, res, conv, (True,) * 5) for node in (True, False)}
+    assert "ConvBnReluTrain" in runs[True][3] and "ConvBnReluTrain" not in runs[False][3]
+    (o1, s1, g1, _), (o2, s2, g2, _) = runs[True], runs[False]
+    assert torch.equal(o1, o2) and o1.stride() == o2.stride()
+    for a, e in zip(s1, s2):
+        assert torch.equal(a, e)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    for name, a, e in zip(["x", "weight", "bn_weight", "bn_bias", "residual"], g1, g2):
+        assert (a.dtype, a.stride()) == (e.dtype, e.stride()), name
+        assert_close(a, e, tol * e.abs().max().item(), tol, f"grad {name}")

@@ -139,6 +139,13 @@ def main():
                 check(invstd, 1 / np.sqrt(var + 1e-5), 1e-4, f"invstd M={M} K={K} rows={rows}")
                 check(nrm, 0.9 * rm + 0.1 * zsv.mean(0), 1e-5, "running mean")
                 check(nrv, 0.9 * rv + 0.1 * var * M / (M - 1), 1e-4, "running var")
+                # in place (the C++ node's finalize: new_running_* are running_*): the same bits
+                irm, irv = rm.copy(), rv.copy()
+                assert lib.emu_bn_finalize(ptr(pm), ptr(pm2), i64(G), i64(K), i64(M), i64(rows), ptr(mean),
+                                           ptr(invstd), ptr(irm), ptr(irv), ptr(irm), ptr(irv), 0,
+                                           ctypes.c_double(0.1), ctypes.c_double(1e-5), int(acc is np.float64),
+                                           ptr(gamma), ptr(beta), None, None) == 0
+                assert np.array_equal(irm, nrm) and np.array_equal(irv, nrv), "finalize in place"
                 if affine:
                     sc = (gamma if gamma is not None else 1.0) / np.sqrt(var + 1e-5)
                     check(scale, sc, 1e-4, f"scale M={M} K={K} rows={rows}")
@@ -159,7 +166,7 @@ def main():
                 G = -(-M // rows)
                 ps, psz = np.full(G * K, SENTINEL, acc), np.full(G * K, SENTINEL, acc)
                 assert lib.emu_bn_bwd_reduce(ptr(grad), ptr(outb), ptr(zb), ptr(mean), ptr(ps), ptr(psz), i64(M),
-                                             i64(K), i64(rows), relu, DT[dt]) == 0
+                                             i64(K), i64(rows), relu, DT[dt], None, None) == 0
                 for g in range(G):
                     sl = slice(g * rows, (g + 1) * rows)
                     check(ps.reshape(G, K)[g], gy[sl].sum(0), 1e-4, f"bwd_reduce sum g={g} rows={rows}")
@@ -188,11 +195,35 @@ def main():
                 assert lib.emu_bn_bwd_apply(ptr(grad), ptr(outb) if relu else None, ptr(zb) if train else None,
                                             ptr(mean) if train else None, ptr(invstd) if train else None, ptr(a),
                                             ptr(b) if train else None, ptr(c) if train else None, ptr(dz), ptr(gres),
-                                            i64(M), i64(K), relu, DT[dt]) == 0
+                                            i64(M), i64(K), relu, DT[dt], None, None) == 0
                 want = a * gy + ((b * invstd * (zbv - mean) + c) if train else 0)
                 check(values(dz, dt).reshape(M, K), rounded(want, dt), 4 * tol, f"bwd_apply M={M} K={K} train={train}")
                 if store:
                     check(values(gres, dt).reshape(M, K), gy, tol, "gres")
+        # the ReLU's mask recomputed from z and the forward's scale / shift (no residual; the C++
+        # autograd node's backward): the same bits as with the output of the forward's apply kernel
+        zm, _ = mk(M, K, mis, specials=True)
+        msc, msh = (rng.random(K) + 0.5).astype(acc), rng.standard_normal(K).astype(acc)
+        outm = alloc(M * K, dt, mis)
+        assert lib.emu_bn_apply(ptr(zm), ptr(msc), ptr(msh), None, ptr(outm), i64(M), i64(K), 1, DT[dt]) == 0
+        rows = max(1, M // 3)
+        G = -(-M // rows)
+        sums = {}
+        for from_z in (False, True):
+            ps, psz = np.full(G * K, SENTINEL, acc), np.full(G * K, SENTINEL, acc)
+            assert lib.emu_bn_bwd_reduce(ptr(grad), None if from_z else ptr(outm), ptr(zm), ptr(mean), ptr(ps),
+                                         ptr(psz), i64(M), i64(K), i64(rows), 1, DT[dt],
+                                         ptr(msc) if from_z else None, ptr(msh) if from_z else None) == 0
+            dz, gres = alloc(M * K, dt, mis), alloc(M * K, dt, mis)
+            assert lib.emu_bn_bwd_apply(ptr(grad), None if from_z else ptr(outm), ptr(zm), ptr(mean), ptr(invstd),
+                                        ptr(a), ptr(b), ptr(c), ptr(dz), ptr(gres), i64(M), i64(K), 1, DT[dt],
+                                        ptr(msc) if from_z else None, ptr(msh) if from_z else None) == 0
+            sums[from_z] = [ps, psz, values(dz, dt), values(gres, dt)]
+        for name, x, y in zip(("sum", "sum z", "dz", "gres"), sums[False], sums[True]):
+            assert np.array_equal(x, y, equal_nan=True), f"mask from z: {name} M={M} K={K}"
+        # and that mask is the ReLU's (the forward's output <= 0 masks the gradient)
+        om = values(outm, dt).reshape(M, K)
+        check(sums[True][3].reshape(M, K), np.where(om <= 0, 0.0, gv), tol, "gres, mask from z")
         print(f"ok bn {dt} M={M} K={K} misaligned={mis}", flush=True)
 
 

@@ -34,13 +34,14 @@ int emu_bn_apply(const void* z, const void* scale, const void* shift, const void
   return launch_bn_apply(z, scale, shift, res, out, M, K, relu != 0, DType(dt), nullptr);
 }
 int emu_bn_bwd_reduce(const void* g, const void* out, const void* z, const void* mean, void* ps, void* psz,
-                      int64_t M, int64_t K, int64_t rows, int relu, int dt) {
-  return launch_bn_bwd_reduce(g, out, z, mean, ps, psz, M, K, rows, relu != 0, DType(dt), nullptr);
+                      int64_t M, int64_t K, int64_t rows, int relu, int dt, const void* msc, const void* msh) {
+  return launch_bn_bwd_reduce(g, out, z, mean, ps, psz, M, K, rows, relu != 0, DType(dt), nullptr, msc, msh);
 }
 int emu_bn_bwd_apply(const void* g, const void* out, const void* z, const void* mean, const void* invstd,
                      const void* a, const void* b, const void* c, void* dz, void* gres, int64_t M, int64_t K, int relu,
-                     int dt) {
-  return launch_bn_bwd_apply(g, out, z, mean, invstd, a, b, c, dz, gres, M, K, relu != 0, DType(dt), nullptr);
+                     int dt, const void* msc, const void* msh) {
+  return launch_bn_bwd_apply(g, out, z, mean, invstd, a, b, c, dz, gres, M, K, relu != 0, DType(dt), nullptr, msc,
+                             msh);
 }
 int emu_add_relu(const void* x, const void* r, void* out, int64_t n, int dt) {
   return launch_add_relu(x, r, out, n, DType(dt), nullptr);

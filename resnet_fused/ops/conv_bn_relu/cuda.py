@@ -47,6 +47,21 @@ TRAIN_PATH = "conv_bn_train/cuda"
 CPP_TRAIN = [True]
 
 
+# On the eager fast path (_common.direct_ok) the whole training layer is one operator with a C++
+# autograd node (csrc/conv_bn_train_node.cpp): the same two calls, without the Python
+# autograd.Function around them; the running statistics are updated in place by the operator.
+# Its backward runs without Python, so only the forward is noted (the node's name says the rest).
+# Off: the autograd.Function over the two calls (the path torch.compile's custom op also takes).
+CPP_NODE = [True]
+
+
+def train_layer(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation, groups,
+                momentum, eps, relu, recompute):
+    _backends.note(TRAIN_PATH, "c++ node")
+    return _C().conv_bn_relu_train(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride,
+                                   padding, dilation, groups, momentum, eps, relu, recompute)
+
+
 def train_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation,
                   groups, momentum, eps, relu):
     _backends.note(TRAIN_PATH, "c++")
