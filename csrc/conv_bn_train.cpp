@@ -172,7 +172,7 @@ TrainForward conv_bn_train(
 // (the forward's scale / shift; an output without a residual) the ReLU's mask is recomputed from
 // z and out is not read.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train_backward(
-    const Tensor& grad_in, const Tensor& x, const Tensor& w, const OptTensor& bn_weight, const Tensor& z,
+    const Tensor& grad_in, const Tensor& x, const Tensor& w, const OptTensor& bn_weight, const Tensor& z_in,
     const Tensor& out_in, const Tensor& mean, const Tensor& invstd, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, bool relu, std::array<bool, 5> mask, const OptTensor& mask_scale,
     const OptTensor& mask_shift) {
@@ -184,8 +184,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train_backward(
   // out is the ReLU's mask; without a ReLU, or with the mask from z, the forward's caller need not
   // keep it (nor is it read)
   const Tensor& out = relu && !defined(mask_scale) ? out_in : grad;
-  TORCH_CHECK(z.numel() == grad.numel() && z.numel() > 0, kOp,
+  TORCH_CHECK(z_in.numel() == grad.numel() && z_in.numel() > 0, kOp,
               "_backward: needs the conv output, which the forward did not save");
+  // (a conv output recomputed in the backward comes as cuDNN lays it out: NCHW for float64, for
+  // NCHW inputs and weights, or without cuDNN)
+  const Tensor z = canonical_cl(z_in);
   // dbeta = sum(gy), dgamma = sum(gy * xhat); dz = a * gy + b * xhat + c (a = gamma * invstd,
   // b = -a / M * dgamma, c = -a / M * dbeta): the reduction and one small kernel
   auto [dgamma, dbeta, a, b, c] =

@@ -10,10 +10,12 @@
 //
 // Same arithmetic as the Python orchestration (it calls the same two functions); same contract as
 // resnet_fused/ops/conv_bn_relu/__init__.py's _DirectFn, which it replaces on the eager fast path
-// of the CUDA backend: the output kept for the backward only as the ReLU's mask, the conv output
-// not kept with recompute (the backward convolves again), gradients only where asked, the bias
-// gradient in the bias's dtype, no double backward (as @once_differentiable: the first backward
-// may build a graph, differentiating its result raises).
+// of the CUDA backend: the output kept for the backward only as the ReLU's mask (and not even that
+// without a residual: the backward kernels recompute the mask from z and the [K] scale / shift),
+// the conv output not kept with recompute (the backward convolves again), gradients only where
+// asked, the bias gradient in the bias's dtype, the running statistics' version counters bumped as
+// copy_ bumps them, no double backward (as @once_differentiable: the first backward may build a
+// graph, differentiating its result raises).
 //
 // Registered for CPU as well as CUDA: on the CPU it runs over test stand-ins of the bn_* kernels
 // (tests/test_conv_bn_train_cpp.py).
@@ -23,7 +25,6 @@
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/convolution.h>
 #include <torch/csrc/autograd/custom_function.h>
-#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 #include "conv_bn_train.h"
@@ -48,6 +49,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double momentum, double eps, bool relu) {
   TORCH_CHECK(defined(running_mean) == defined(running_var), kOp,
               ": running_mean and running_var must both be given or both be None");
+  if (defined(running_mean)) {
+    // (the finalize reads each old value before writing the new one, per statistic: one buffer for both
+    // would mix them)
+    TORCH_CHECK(!running_mean->is_alias_of(*running_var), kOp,
+                ": running_mean and running_var must not share memory");
+    // an in-place update as copy_ records it (saved-tensor checks; inference tensors outside
+    // inference mode raise here, before anything is written)
+    running_mean->unsafeGetTensorImpl()->bump_version();
+    running_var->unsafeGetTensorImpl()->bump_version();
+  }
   // (the finalize writes the new running statistics over the old ones: no copies)
   auto r = conv_bn_train(x, w, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation,
                          groups, momentum, eps, relu, /*update_in_place=*/true);
@@ -67,6 +78,16 @@ Tensor conv_bn_relu_train(const Tensor& x, const Tensor& w, const OptTensor& bn_
 // residual, then eight non-tensor ones. The backward returns one entry per argument; the
 // context's needs_input_grad counts only the tensors given (its edges).
 constexpr int kArgs = 15;
+
+// Passes tensors through; differentiating them raises (what @once_differentiable's DelayedError does,
+// built as a Function so that the node is created as each torch version wants it).
+struct RefuseDoubleBackward : public torch::autograd::Function<RefuseDoubleBackward> {
+  static variable_list forward(AutogradContext*, at::TensorList xs) { return xs.vec(); }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, kOp, ": double backward is not supported (the backward is once differentiable)");
+    return {};
+  }
+};
 
 struct ConvBnReluTrain : public torch::autograd::Function<ConvBnReluTrain> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const OptTensor& bn_weight,
@@ -147,12 +168,15 @@ struct ConvBnReluTrain : public torch::autograd::Function<ConvBnReluTrain> {
     if (create_graph) {
       // as @once_differentiable, stricter (it wraps only when gout requires grad): the gradients
       // join a graph whose backward raises, instead of silently lacking their second-order terms
-      variable_list fake(kArgs);
+      std::vector<Tensor> fake;
+      std::vector<int> where;
       for (int i = 0; i < kArgs; ++i)
-        if (grads[i].defined()) fake[i] = grads[i].detach().requires_grad_(true);
-      auto err = std::make_shared<torch::autograd::DelayedError>(
-          std::string(kOp) + ": double backward is not supported (the backward is once differentiable)", kArgs);
-      return (*err)(std::move(fake));
+        if (grads[i].defined()) {
+          fake.push_back(grads[i].detach().requires_grad_(true));
+          where.push_back(i);
+        }
+      const variable_list wrapped = RefuseDoubleBackward::apply(at::TensorList(fake));
+      for (size_t j = 0; j < where.size(); ++j) grads[where[j]] = wrapped[j];
     }
     return grads;
   }

@@ -513,6 +513,72 @@ def test_cpp_node_keeps_what_the_python_node_keeps(cuda_backend_on_cpu, relu, re
                 assert torch.equal(a, e)
 
 
+def test_cpp_node_recomputes_z_in_the_layout_the_kernels_take(cuda_backend_on_cpu):
+    """NCHW input and weight: the conv output recomputed in the backward comes NCHW; the node lays it out
+    channels_last for the kernels (the stand-ins refuse anything else), to the Python node's gradients."""
+    x, w, bn, res, conv = _layer("fp64", True)
+    x, w, res = x.contiguous(), w.contiguous(), res.contiguous()
+    assert torch.nn.functional.conv2d(x, w, None, **conv).is_contiguous()  # NCHW, as cuDNN for fp64
+    runs = {node: _run_layer(node, x, w, bn, res, conv, (True,) * 5, recompute=True) for node in (True, False)}
+    assert "ConvBnReluTrain" in runs[True][3]
+    for a, e in zip(runs[True][2], runs[False][2]):
+        assert a.stride() == e.stride() and torch.equal(a, e)
+
+
+def test_cpp_node_running_statistics_updated_as_copy_would(cuda_backend_on_cpu):
+    """The in-place update bumps the buffers' version counters (as copy_ does), refuses inference tensors
+    outside inference mode and running statistics sharing memory, before writing anything."""
+    x, w, bn, res, conv = _layer("fp32", True)
+    xr = x.detach().clone().requires_grad_()
+
+    def call(rm, rv):
+        with resnet_fused.use_backend("cuda"), resnet_fused.dispatch_trace() as trace:
+            conv_bn_relu(xr, w, bn["bn_weight"], bn["bn_bias"], rm, rv, residual=res, training=True, **conv)
+        assert (cuda_impl.TRAIN_PATH, "c++ node") in trace
+
+    rm, rv = bn["running_mean"].clone(), bn["running_var"].clone()
+    v0 = (rm._version, rv._version)
+    call(rm, rv)
+    assert rm._version > v0[0] and rv._version > v0[1]
+    with torch.inference_mode():
+        irm, irv = bn["running_mean"].clone(), bn["running_var"].clone()
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+        call(irm, irv)
+    assert torch.equal(irm, bn["running_mean"]) and torch.equal(irv, bn["running_var"])
+    both = bn["running_var"].clone()
+    with pytest.raises(RuntimeError, match="running_mean and running_var must not share memory"):
+        call(both, both)
+    assert torch.equal(both, bn["running_var"])
+
+
+def test_cpp_node_backward_under_a_dispatch_mode_runs_its_ops(cuda_backend_on_cpu):
+    """The documented difference from the Python node: a dispatch mode active around backward() alone
+    sees the ops inside the C++ node's backward (they run, to the same gradients)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, w, bn, res, conv = _layer("fp32", True)
+    plain = _run_layer(True, x, w, bn, res, conv, (True,) * 5)
+    xr = x.detach().clone().requires_grad_()
+    with resnet_fused.use_backend("cuda"):
+        out = conv_bn_relu(xr, w, bn["bn_weight"], bn["bn_bias"], bn["running_mean"].clone(),
+                           bn["running_var"].clone(), residual=res, training=True, **conv)
+    assert "ConvBnReluTrain" in _node_name(out)
+    gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    with Seen() as mode:
+        (gx,) = torch.autograd.grad(out, xr, gout)
+    assert any("convolution_backward" in o for o in mode.ops) and any("bn_bwd_apply" in o for o in mode.ops)
+    assert torch.equal(gx, plain[2][0])
+
+
 def test_cpp_node_refuses_double_backward(cuda_backend_on_cpu):
     x, w, bn, res, conv = _layer("fp64", True)
     out, _, grads, _ = _run_layer(True, x, w, bn, res, conv, (True,) * 5, create_graph=True)
@@ -633,22 +699,31 @@ def test_model_training_step_through_the_cpp_node(cuda_backend_on_cpu):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(NO_CUDA, reason="no CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gpu_cpp_node_against_the_python_node(dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=["fp32", "bf16", "fp16", "fp64"])
+@pytest.mark.parametrize("variant", ["relu-res", "relu", "relu-recompute", "relu-nchw-recompute", "plain"])
+def test_gpu_cpp_node_against_the_python_node(dtype, variant):
     """On a GPU, with the real kernels: the C++ node is the path a training layer takes, with the
     outputs, running statistics and gradients of the Python node over the same calls (up to the
-    order of cuDNN's weight-gradient accumulation)."""
+    order of cuDNN's weight-gradient accumulation). "relu": the node's kernels take the ReLU's mask
+    from z (FromZ variants), the Python node's from the output; "nchw-recompute": a recomputed conv
+    output that cuDNN returns NCHW."""
     if "cuda" not in _backends.available_backends():
         pytest.skip("CUDA extension not loaded")
-    x, w, bn, res, conv = make("3x3s2", "cuda", torch.float32, N=8, residual=True)
-    x, w, res = x.to(dtype), w.to(dtype), res.to(dtype)
-    runs = {node: _run_layer(node, x, w, bn, res, conv, (True,) * 5) for node in (True, False)}
+    residual = variant == "relu-res"
+    x, w, bn, res, conv = make("3x3s2", "cuda", torch.float32, N=8, residual=residual)
+    x, w = x.to(dtype), w.to(dtype)
+    res = res.to(dtype) if residual else None
+    if "nchw" in variant:
+        x, w = x.contiguous(), w.contiguous()
+    kw = dict(relu=variant != "plain", recompute="recompute" in variant)
+    runs = {node: _run_layer(node, x, w, bn, res, conv, (True,) * 5, **kw) for node in (True, False)}
     assert "ConvBnReluTrain" in runs[True][3] and "ConvBnReluTrain" not in runs[False][3]
     (o1, s1, g1, _), (o2, s2, g2, _) = runs[True], runs[False]
     assert torch.equal(o1, o2) and o1.stride() == o2.stride()
     for a, e in zip(s1, s2):
         assert torch.equal(a, e)
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-12}.get(dtype, 1e-5)
     for name, a, e in zip(["x", "weight", "bn_weight", "bn_bias", "residual"], g1, g2):
         assert (a.dtype, a.stride()) == (e.dtype, e.stride()), name
         assert_close(a, e, tol * e.abs().max().item(), tol, f"grad {name}")

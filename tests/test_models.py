@@ -261,6 +261,28 @@ def test_frozen_batchnorm_fused():
     rel_close(out, theirs(x))
 
 
+def test_frozen_batchnorm_under_autocast_keeps_the_autocast_dtype():
+    """The documented difference (README, Models): under autocast torchvision's FrozenBatchNorm2d blocks
+    return float32 (bf16 conv output times float32 buffers), ours the autocast dtype; the model's output
+    has torchvision's dtype, and the values agree to bf16's rounding."""
+    ours, theirs = pair("resnet18", norm_layer=FrozenBatchNorm2d, num_classes=10)
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), resnet_fused.use_backend("reference"):
+        stem_o = ours.maxpool(ours.relu(ours.bn1(ours.conv1(x))))
+        stem_t = theirs.maxpool(theirs.relu(theirs.bn1(theirs.conv1(x))))
+        blk_o, blk_t = ours.layer1(stem_o), theirs.layer1(stem_t)
+        out_o, out_t = ours(x), theirs(x)
+    assert blk_t.dtype == torch.float32 and blk_o.dtype == torch.bfloat16
+    assert out_o.dtype == out_t.dtype == torch.bfloat16
+    with torch.no_grad():
+        exact = theirs.double()(x.double())
+    err_t = (out_t.double() - exact).abs().max().item()
+    err_o = (out_o.double() - exact).abs().max().item()
+    assert err_o <= 2 * err_t + 1e-2 * exact.abs().max().item(), (err_o, err_t)
+
+
 def test_folded_weights_cached_and_refreshed():
     ours, theirs = tiny_pair()
     ours.eval()

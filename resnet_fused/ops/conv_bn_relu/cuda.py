@@ -5,6 +5,8 @@ conv + bias (+ residual) + ReLU is one cuDNN fused call (csrc/conv_fused.cpp) wh
 takes it."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ... import _backends
@@ -51,8 +53,10 @@ CPP_TRAIN = [True]
 # autograd node (csrc/conv_bn_train_node.cpp): the same two calls, without the Python
 # autograd.Function around them; the running statistics are updated in place by the operator.
 # Its backward runs without Python, so only the forward is noted (the node's name says the rest).
-# Off: the autograd.Function over the two calls (the path torch.compile's custom op also takes).
-CPP_NODE = [True]
+# Off (RESNET_FUSED_CPP_NODE=0): the autograd.Function over the two calls (the path torch.compile's
+# custom op also takes), whose backward, when a dispatch mode is active around backward(), runs as
+# the backward custom op; the C++ node's backward always runs the ops inside it.
+CPP_NODE = [os.environ.get("RESNET_FUSED_CPP_NODE", "1") != "0"]
 
 
 def train_layer(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation, groups,
