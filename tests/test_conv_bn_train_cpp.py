@@ -351,13 +351,8 @@ _PARITY = {
 }
 
 
-@pytest.mark.parametrize("case", list(_PARITY))
-@pytest.mark.parametrize("relu,residual", [(True, True), (False, False)], ids=["relu-res", "plain"])
-def test_cpp_and_python_orchestration_agree(case, relu, residual, monkeypatch):
-    """The same layer through the C++ calls and through the Python orchestration they replace (both
-    over the stand-ins): the same values, dtypes and strides in all eleven outputs, none aliasing."""
-    from resnet_fused.ops import conv_bn_relu as CBR
-
+def _layer(case, residual):
+    """A layer's tensors for a _PARITY case (the residual NCHW-contiguous, as make() builds it)."""
     dt, pdt, variant = _PARITY[case]
     geom = (8, 8, 3, 3, 3, 1, 0, 1, 1) if variant == "1x1-out" else (8, 16, 5, 6, 3, 2, 1, 1, 2)
     x, w, bn, res, conv = make(geom, "cpu", torch.float64, N=3, residual=residual)
@@ -369,9 +364,21 @@ def test_cpp_and_python_orchestration_agree(case, relu, residual, monkeypatch):
     if variant == "no-running":
         bn.update(running_mean=None, running_var=None)
     x, w = x.to(dt), w.to(dt)
-    res = res.to(dt) if res is not None else None  # NCHW-contiguous, as make() builds it
+    res = res.to(dt) if res is not None else None
     if variant in ("nchw", "1x1-out"):
         x, w = x.contiguous(), w.contiguous(memory_format=torch.channels_last)
+    return x, w, bn, res, conv
+
+
+@pytest.mark.parametrize("case", list(_PARITY))
+@pytest.mark.parametrize("relu,residual", [(True, True), (False, False)], ids=["relu-res", "plain"])
+def test_cpp_and_python_orchestration_agree(case, relu, residual, monkeypatch):
+    """The same layer through the C++ calls and through the Python orchestration they replace (both
+    over the stand-ins): the same values, dtypes and strides in all eleven outputs, none aliasing."""
+    from resnet_fused.ops import conv_bn_relu as CBR
+
+    dt, _, variant = _PARITY[case]
+    x, w, bn, res, conv = _layer(case, residual)
     s, p, d, g = ([conv["stride"]] * 2, [conv["padding"]] * 2, [conv["dilation"]] * 2, conv["groups"])
     gout = None
     results = {}
@@ -403,24 +410,6 @@ def test_cpp_and_python_orchestration_agree(case, relu, residual, monkeypatch):
 
 
 # --- the C++ autograd node (csrc/conv_bn_train_node.cpp) ---------------------------------------
-def _layer(case, residual):
-    dt, pdt, variant = _PARITY[case]
-    geom = (8, 8, 3, 3, 3, 1, 0, 1, 1) if variant == "1x1-out" else (8, 16, 5, 6, 3, 2, 1, 1, 2)
-    x, w, bn, res, conv = make(geom, "cpu", torch.float64, N=3, residual=residual)
-    bn = {k: (v.to(pdt) if v is not None else None) for k, v in bn.items()}
-    if variant == "no-affine":
-        bn.update(bn_weight=None, bn_bias=None)
-    if variant == "weight-only":
-        bn.update(bn_bias=None)
-    if variant == "no-running":
-        bn.update(running_mean=None, running_var=None)
-    x, w = x.to(dt), w.to(dt)
-    res = res.to(dt) if res is not None else None
-    if variant in ("nchw", "1x1-out"):
-        x, w = x.contiguous(), w.contiguous(memory_format=torch.channels_last)
-    return x, w, bn, res, conv
-
-
 def _run_layer(node, x, w, bn, res, conv, need, relu=True, recompute=False, create_graph=False, seed=3):
     """conv_bn_relu on the cuda backend (fast path) with the C++ node or the Python one; need: which of
     (x, weight, bn_weight, bn_bias, residual) require gradients. Returns (out, running stats, grads, out's node)."""
