@@ -49,7 +49,7 @@ std::tuple<at::Tensor, int64_t> conv_bias_act(const at::Tensor& x, const at::Ten
                                               const std::optional<at::Tensor>& bias_in,
                                               const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                              bool relu) {
+                                              bool relu, const std::optional<at::Tensor>& bias_lowp) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 4, kOp, ": x must be a 4-D CUDA tensor, got ", x.dim(), "-D on ", x.device());
   TORCH_CHECK(w.dim() == 4 && w.device() == x.device() && w.scalar_type() == x.scalar_type(), kOp,
               ": weight must be 4-D, on x's device, of x's dtype");
@@ -86,8 +86,15 @@ std::tuple<at::Tensor, int64_t> conv_bias_act(const at::Tensor& x, const at::Ten
     if (!refused) {
       try {
         // cuDNN's fused graph takes the bias in the activation dtype (ATen's default bias is
-        // zeros of the output dtype); the accumulation and the epilogue run in fp32.
-        const at::Tensor b = bias.to(dt);
+        // zeros of the output dtype); the accumulation and the epilogue run in fp32. The caller
+        // may pass that cast (bias_lowp: the models cache it per layer), else it is made here:
+        // one small kernel per call (per layer of a CUDA graph at batch 1).
+        const bool lowp_ok = has_bias && bias_lowp.has_value() && bias_lowp->defined() &&
+                             bias_lowp->scalar_type() == dt && bias_lowp->dim() == 1 && bias_lowp->size(0) == K &&
+                             bias_lowp->is_contiguous() && bias_lowp->device() == x.device();
+        TORCH_CHECK(lowp_ok || !(bias_lowp.has_value() && bias_lowp->defined()), kOp,
+                    ": bias_lowp must be a contiguous [", K, "] ", dt, " tensor on x's device, given with bias");
+        const at::Tensor b = lowp_ok ? *bias_lowp : bias.to(dt);
         at::Tensor out = has_res ? at::cudnn_convolution_add_relu(x, w, *residual, at::Scalar(1.0), b, stride, padding,
                                                                   dilation, groups)
                                  : at::cudnn_convolution_relu(x, w, b, stride, padding, dilation, groups);
@@ -110,8 +117,9 @@ std::tuple<at::Tensor, int64_t> conv_bias_act(const at::Tensor& x, const at::Ten
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(resnet_fused_C, m) {
+  // bias_lowp: bias already cast to x's dtype (what cuDNN's fused graph takes), to save the cast
   m.def("conv_bias_act(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[] stride, int[] padding, "
-        "int[] dilation, int groups, bool relu) -> (Tensor, int)");
+        "int[] dilation, int groups, bool relu, Tensor? bias_lowp=None) -> (Tensor, int)");
 }
 
 TORCH_LIBRARY_IMPL(resnet_fused_C, CUDA, m) { m.impl("conv_bias_act", &conv_bias_act); }

@@ -64,7 +64,7 @@ std::tuple<Tensor, Tensor> bn_bwd_apply(const Tensor& g, const Tensor&, const Te
 
 std::tuple<Tensor, int64_t> conv_bias_act(const Tensor& x, const Tensor& w, const OptTensor&, const OptTensor&,
                                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                          int64_t, bool) {
+                                          int64_t, bool, const OptTensor&) {
   const int64_t P = (x.size(2) + 2 * padding[0] - dilation[0] * (w.size(2) - 1) - 1) / stride[0] + 1;
   const int64_t Q = (x.size(3) + 2 * padding[1] - dilation[1] * (w.size(3) - 1) - 1) / stride[1] + 1;
   return {at::empty({x.size(0), w.size(0), P, Q}, x.options().memory_format(at::MemoryFormat::ChannelsLast)), 0};

@@ -181,3 +181,39 @@ def test_resnet50_eval_downsample_runs_as_the_conv_alone(backend):
         assert [b for op, b in trace if op == FUSED_PATH].count("conv-only") == 4, trace
     e_ours, e_torch = (got.double() - truth).abs().max().item(), (ref.double() - truth).abs().max().item()
     assert e_ours <= 2 * e_torch + 1e-3 * truth.abs().max().item(), (e_ours, e_torch)
+
+
+def test_a_given_bias_cast_is_used_and_checked():
+    # bias_lowp: the bias already in x's dtype (the models keep it per layer): the same output as the
+    # op's own cast, bit for bit; a wrong one refused by name
+    _skip_without_ext()
+    x, w, bias, r, conv = make("1x1+res", torch.bfloat16)
+    op = torch.ops.resnet_fused_C.conv_bias_act
+    args = (x, w, bias, r, list(conv["stride"]), list(conv["padding"]), list(conv["dilation"]), conv["groups"], True)
+    own, path = op(*args)
+    given, path2 = op(*args, bias.to(torch.bfloat16))
+    assert path == path2 == 0 and torch.equal(own, given)
+    with pytest.raises(RuntimeError, match="bias_lowp must be a contiguous"):
+        op(*args, bias.to(torch.float16))
+
+
+def test_resnet50_eval_casts_no_bias_after_the_first_forward():
+    # the eval path of the models on the CUDA backend: the folded biases' casts to bf16 are kept with
+    # them, so a second forward launches no cast (a kernel per layer in a batch-1 CUDA graph)
+    _skip_without_ext()
+    import torchvision
+
+    torch.manual_seed(0)
+    m = resnet_fused.fuse(torchvision.models.resnet50()).cuda().eval().to(torch.bfloat16)
+    m = m.to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 64, 64, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    with torch.no_grad(), resnet_fused.use_backend("cuda"):
+        first = m(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, \
+                resnet_fused.dispatch_trace() as trace:
+            second = m(x)
+    paths = [b for op, b in trace if op == FUSED_PATH]
+    assert len(paths) == 53 and paths.count("conv-only") == 4, paths  # 49 convs with a bias and ReLU
+    casts = [e for e in prof.events() if e.name == "aten::_to_copy"]
+    assert casts == [], [(e.name, e.input_shapes) for e in casts][:5]
+    assert torch.equal(first, second)

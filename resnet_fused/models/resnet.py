@@ -32,7 +32,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from .. import _select
 from ..ops._common import autocast_dtype
 from ..ops.conv_bn_relu import conv_bn_relu
-from ..ops.conv_bn_relu.inference import conv_affine_act, fold_bn
+from ..ops.conv_bn_relu.inference import conv_affine_act, fold_bn, owned_bias
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "SyncBatchNorm2d", "fuse", "convert_sync_batchnorm",
            "clear_fold_cache", "set_recompute", "get_recompute", "use_recompute"]
@@ -206,7 +206,8 @@ def _folded(conv, bn, dtype):
     # the same tensor objects too (a new tensor could reuse a freed address with version 0)
     if cache is None or cache[0] != key or any(r() is not t for r, t in zip(cache[1], srcs) if t is not None):
         refs = [weakref.ref(t) if t is not None else None for t in srcs]
-        cache = (key, refs, *fold_bn(conv.weight, g, b, bn.running_mean, bn.running_var, bn.eps, dtype))
+        w, bias = fold_bn(conv.weight, g, b, bn.running_mean, bn.running_var, bn.eps, dtype)
+        cache = (key, refs, w, owned_bias(bias))
         _FOLD_CACHE[conv] = cache
     return cache[2], cache[3]
 
@@ -294,7 +295,7 @@ def _summed_bias(conv, bias, ds_bias):
         return bias + ds_bias
     c = _SUM_CACHE.get(conv)
     if c is None or c[0]() is not bias or c[1]() is not ds_bias:  # (the folded biases are cached objects)
-        c = (weakref.ref(bias), weakref.ref(ds_bias), bias + ds_bias)
+        c = (weakref.ref(bias), weakref.ref(ds_bias), owned_bias(bias + ds_bias))
         _SUM_CACHE[conv] = c
     return c[2]
 

@@ -28,11 +28,31 @@ def _C():
 FUSED_PATH = "conv_affine_act/cuda"
 
 
+# cuDNN's fused conv + bias (+ residual) + ReLU takes the bias in the activation dtype. The eval
+# biases the models pass are their fold caches' tensors, never written in place (a change of the
+# BatchNorm or conv makes new ones): marked with this attribute (inference.owned_bias), they keep
+# their casts per dtype, so the cast runs once per layer instead of once per call (a kernel per
+# layer in a batch-1 CUDA graph). Any other bias is cast by the C++ op, each call.
+LOWP_CACHE = "_resnet_fused_lowp"
+
+
+def _bias_lowp(shift, dt):
+    if shift is None or shift.dtype == dt:
+        return None
+    cache = getattr(shift, LOWP_CACHE, None)
+    if cache is None:
+        return None
+    t = cache.get(dt)
+    if t is None:
+        t = cache[dt] = shift.to(dt)
+    return t
+
+
 def conv_fwd(x, weight, K, P, Q, stride, padding, dilation, groups, *, training, scale=None, shift=None,
              residual=None, relu=True, store_z=False, ieee=True):
     if not training and scale is None and not store_z:
         out, path = _C().conv_bias_act(x, weight, shift, residual, list(stride), list(padding), list(dilation),
-                                       groups, relu)
+                                       groups, relu, _bias_lowp(shift, x.dtype))
         _backends.note(FUSED_PATH, ("cudnn-fused", "conv+epilogue", "conv-only")[path])
         return out, None, None, None, 0
     return reference.conv_fwd(x, weight, K, P, Q, stride, padding, dilation, groups, training=training, scale=scale,

@@ -38,6 +38,16 @@ def fold_bn(weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tenso
     return w, bias.contiguous()
 
 
+def owned_bias(bias: Tensor) -> Tensor:
+    """Mark an eval bias that no one writes in place (a model's fold cache holds it; a change of
+    the BatchNorm or conv makes a new one): the CUDA backend may keep its cast to the activation
+    dtype with it (cuda.LOWP_CACHE)."""
+    from .cuda import LOWP_CACHE
+
+    setattr(bias, LOWP_CACHE, {})
+    return bias
+
+
 def _run(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], residual: Optional[Tensor],
          stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool, allow_tf32: bool,
          backend: str) -> Tensor:
