@@ -62,6 +62,15 @@ std::tuple<at::Tensor, int64_t> conv_bias_act(const at::Tensor& x, const at::Ten
     TORCH_CHECK(residual->scalar_type() == x.scalar_type() && residual->device() == x.device(), kOp,
                 ": residual must have x's dtype and device");
   const bool has_bias = bias_in.has_value() && bias_in->defined();
+  const auto dt = x.scalar_type();
+  // bias_lowp: the bias already cast to x's dtype, which cuDNN's fused graph takes (the models
+  // cache it per layer); checked here, outside the fused attempt, whose failures count as
+  // cuDNN refusing the signature
+  const bool has_lowp = bias_lowp.has_value() && bias_lowp->defined();
+  TORCH_CHECK(!has_lowp || (has_bias && bias_lowp->scalar_type() == dt && bias_lowp->dim() == 1 &&
+                            bias_lowp->size(0) == K && bias_lowp->is_contiguous() &&
+                            bias_lowp->device() == x.device()),
+              kOp, ": bias_lowp must be a contiguous [", K, "] ", dt, " tensor on x's device, given with bias");
   if (!has_bias && !relu && !has_res) {  // the convolution alone
     c10::cuda::CUDAGuard guard(x.device());
     return {at::convolution(x, w, std::nullopt, stride, padding, dilation, false, {0, 0}, groups)
@@ -74,7 +83,6 @@ std::tuple<at::Tensor, int64_t> conv_bias_act(const at::Tensor& x, const at::Ten
               kOp, ": bias must be a contiguous [", K, "] ", acc, " tensor on x's device");
   c10::cuda::CUDAGuard guard(x.device());
   auto& ctx = at::globalContext();
-  const auto dt = x.scalar_type();
   const bool lowp_or_f32 = dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16;
   if (relu && lowp_or_f32 && ctx.userEnabledCuDNN() && !ctx.deterministicAlgorithms()) {
     const auto sig = signature(x, w, has_res, stride, padding, dilation, groups, ctx.allowTF32CuDNN());
@@ -86,15 +94,9 @@ std::tuple<at::Tensor, int64_t> conv_bias_act(const at::Tensor& x, const at::Ten
     if (!refused) {
       try {
         // cuDNN's fused graph takes the bias in the activation dtype (ATen's default bias is
-        // zeros of the output dtype); the accumulation and the epilogue run in fp32. The caller
-        // may pass that cast (bias_lowp: the models cache it per layer), else it is made here:
-        // one small kernel per call (per layer of a CUDA graph at batch 1).
-        const bool lowp_ok = has_bias && bias_lowp.has_value() && bias_lowp->defined() &&
-                             bias_lowp->scalar_type() == dt && bias_lowp->dim() == 1 && bias_lowp->size(0) == K &&
-                             bias_lowp->is_contiguous() && bias_lowp->device() == x.device();
-        TORCH_CHECK(lowp_ok || !(bias_lowp.has_value() && bias_lowp->defined()), kOp,
-                    ": bias_lowp must be a contiguous [", K, "] ", dt, " tensor on x's device, given with bias");
-        const at::Tensor b = lowp_ok ? *bias_lowp : bias.to(dt);
+        // zeros of the output dtype); the accumulation and the epilogue run in fp32. Without the
+        // caller's cast it is made here: one small kernel per call (per layer of a batch-1 graph).
+        const at::Tensor b = has_lowp ? *bias_lowp : bias.to(dt);
         at::Tensor out = has_res ? at::cudnn_convolution_add_relu(x, w, *residual, at::Scalar(1.0), b, stride, padding,
                                                                   dilation, groups)
                                  : at::cudnn_convolution_relu(x, w, b, stride, padding, dilation, groups);
