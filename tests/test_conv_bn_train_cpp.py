@@ -422,7 +422,7 @@ def _run_layer(node, x, w, bn, res, conv, need, relu=True, recompute=False, crea
         with resnet_fused.use_backend("cuda"):
             out = conv_bn_relu(leaves[0], leaves[1], leaves[2], leaves[3], rm, rv, residual=leaves[4],
                                training=True, relu=relu, recompute=recompute, **conv)
-        gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+        gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, out.dtype)
         wrt = [t for t, n in zip(leaves, need) if t is not None and n]
         grads = torch.autograd.grad(out, wrt, gout, create_graph=create_graph) if wrt else ()
         return out, (rm, rv), grads, _node_name(out)
@@ -703,6 +703,8 @@ def test_gpu_cpp_node_against_the_python_node(dtype, variant):
     x, w, bn, res, conv = make("3x3s2", "cuda", torch.float32, N=8, residual=residual)
     x, w = x.to(dtype), w.to(dtype)
     res = res.to(dtype) if residual else None
+    if dtype == torch.float64:  # as model.double() leaves the BatchNorm
+        bn = {k: v.double() for k, v in bn.items()}
     if "nchw" in variant:
         x, w = x.contiguous(), w.contiguous()
     kw = dict(relu=variant != "plain", recompute="recompute" in variant)
