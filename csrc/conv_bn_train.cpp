@@ -81,8 +81,6 @@ const auto& bwd_apply_op() {
   return h;
 }
 
-bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
-
 at::ScalarType acc_type(const Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // t (4-D) as channels_last with exactly the strides torch.empty(..., memory_format=channels_last)

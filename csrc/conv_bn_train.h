@@ -9,6 +9,9 @@
 
 namespace resnet_fused {
 
+// An optional tensor that is given and defined.
+inline bool defined(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
 // (out, z, mean, invstd, new_running_mean, new_running_var, scale, shift): z the raw conv output,
 // (mean, invstd) the batch statistics, the new running statistics empty when none were given,
 // (scale, shift) the normalize's per-channel coefficients (out = relu?(z * scale + shift + residual?)).

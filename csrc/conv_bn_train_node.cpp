@@ -39,8 +39,6 @@ using torch::autograd::variable_list;
 
 constexpr const char* kOp = "resnet_fused_C::conv_bn_relu_train";
 
-bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
-
 // The layer's forward: (out, z, mean, invstd, scale, shift), the running statistics updated in
 // place by the finalize.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(

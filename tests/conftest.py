@@ -78,3 +78,12 @@ def _restore_backend():
     before = resnet_fused.get_backend()
     yield
     resnet_fused._backends._current = before
+
+
+def route_to_cuda_backend(monkeypatch):
+    """The 'cuda' backend chosen for CPU tensors: its host code runs over CPU stand-ins of the
+    extension's kernels that a test registers."""
+    from resnet_fused import _backends
+
+    monkeypatch.setattr(_backends, "available_backends", lambda: ["reference", "triton", "cuda"])
+    monkeypatch.setattr(_backends, "resolve", lambda op, t, **kw: "cuda")

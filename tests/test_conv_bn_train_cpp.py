@@ -27,7 +27,7 @@ from resnet_fused.ops.conv_bn_relu import conv_bn_relu_reference
 from resnet_fused.ops.conv_bn_relu import cuda as cuda_impl
 from resnet_fused.ops.conv_bn_relu import reference as R
 
-from conftest import NO_CUDA, REQUIRE_EXT, assert_close
+from conftest import NO_CUDA, REQUIRE_EXT, assert_close, route_to_cuda_backend
 from test_conv_bn_relu import make
 
 pytestmark = pytest.mark.skipif(not _ext.LOADED and not REQUIRE_EXT, reason=f"CUDA extension not loaded: {_ext.ERROR}")
@@ -181,8 +181,7 @@ def cpu_bn_kernels():
 @pytest.fixture
 def cuda_backend_on_cpu(monkeypatch):
     """conv_bn_relu on the 'cuda' backend with CPU tensors, over the CPU bn kernels."""
-    monkeypatch.setattr(_backends, "available_backends", lambda: ["reference", "triton", "cuda"])
-    monkeypatch.setattr(_backends, "resolve", lambda op, t, **kw: "cuda")
+    route_to_cuda_backend(monkeypatch)
     with cpu_bn_kernels() as calls:
         yield calls
 

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 import resnet_fused
-from resnet_fused import _backends, _ext
+from resnet_fused import _ext
 from resnet_fused.ops.conv_bn_relu import cuda as cuda_impl
 from resnet_fused.ops.conv_bn_relu.inference import conv_affine_act
 
-from conftest import REQUIRE_EXT
+from conftest import REQUIRE_EXT, route_to_cuda_backend
 
 pytestmark = pytest.mark.skipif(not _ext.LOADED and not REQUIRE_EXT, reason=f"CUDA extension not loaded: {_ext.ERROR}")
 
@@ -55,8 +55,7 @@ def conv_bias_act_on_cpu():
 
 @pytest.fixture
 def cuda_eval_on_cpu(monkeypatch):
-    monkeypatch.setattr(_backends, "available_backends", lambda: ["reference", "triton", "cuda"])
-    monkeypatch.setattr(_backends, "resolve", lambda op, t, **kw: "cuda")
+    route_to_cuda_backend(monkeypatch)
     with conv_bias_act_on_cpu() as calls:
         yield calls
 

@@ -434,8 +434,6 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias
             return run
     backend = _backends.resolve(OP, x, key=key, runner=runner, weight=weight,
                                 no_timing="synchronized BatchNorm" if training and process_group is not None else None)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias, residual))
     if (training and backend == "cuda" and process_group is None and _cuda_impl.CPP_TRAIN[0]
             and _cuda_impl.CPP_NODE[0] and direct_ok(x, weight, bn_weight, bn_bias, running_mean, running_var,
                                                      residual)):
@@ -445,6 +443,8 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias
         return _cuda_impl.train_layer(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride,
                                       padding, dilation, groups, float(momentum), float(eps), bool(relu),
                                       bool(recompute))
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias, residual))
     out, _z, _mean, _invstd, new_rm, new_rv = _run_fwd(
         x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation, groups,
         bool(training), float(momentum), float(eps), bool(relu), needs_grad and not recompute, allow_tf32, backend,
