@@ -92,20 +92,27 @@ def main():
                         comp(tk._conv1x1_kernel, sig, consts, dict(num_warps=w, num_stages=st),
                              tag=f"conv1x1-tma {dt} {'train' if training else 'eval'} tile={bm}x{bn}x{bc} "
                                  f"persistent={persistent}")
-        sig = dict(z_ptr="*" + dt, scale_ptr="*" + acc, shift_ptr="*" + acc, res_ptr="*" + dt, out_ptr="*" + dt,
-                   M="i64", K="i32")
+        sig = dict(z_ptr="*" + dt, scale_ptr="*" + acc, shift_ptr="*" + acc, mean_ptr="*" + acc,
+                   invstd_ptr="*" + acc, res_ptr="*" + dt, out_ptr="*" + dt, M="i64", K="i32")
         for bk in (8, 64, 128):  # the channel widths _elem_blocks picks (4096 elements per program)
-            comp(tk._bn_apply_kernel, sig, dict(HAS_RES=True, RELU=True, BLOCK_M=4096 // bk, BLOCK_K=bk),
-                 tag=f"bn_apply {dt} BLOCK_K={bk}")
-        sig = dict(grad_ptr="*" + dt, out_ptr="*" + dt, z_ptr="*" + dt, mean_ptr="*" + acc, psum_ptr="*" + acc,
-                   psumz_ptr="*" + acc, M="i64", K="i32")
-        comp(tk._bn_bwd_reduce_kernel, sig, dict(ROWS=256, RELU=True, BLOCK_M=32, BLOCK_K=64), tag=f"bwd_reduce {dt}")
+            for stats in (False, True):  # scale / shift given, or from the statistics (training)
+                comp(tk._bn_apply_kernel, sig, dict(STATS=stats, HAS_GAMMA=True, HAS_BETA=True, HAS_RES=not stats,
+                                                    RELU=True, BLOCK_M=4096 // bk, BLOCK_K=bk),
+                     tag=f"bn_apply {dt} BLOCK_K={bk} stats={stats}")
+        sig = dict(grad_ptr="*" + dt, out_ptr="*" + dt, z_ptr="*" + dt, mean_ptr="*" + acc, gamma_ptr="*" + acc,
+                   beta_ptr="*" + acc, invstd_ptr="*" + acc, psum_ptr="*" + acc, psumz_ptr="*" + acc, M="i64",
+                   K="i32", ROWS="i32")
+        for mask_z in (False, True):
+            comp(tk._bn_bwd_reduce_kernel, sig, dict(RELU=True, MASK_Z=mask_z, HAS_GAMMA=True, HAS_BETA=True,
+                                                     BLOCK_M=32, BLOCK_K=64), tag=f"bwd_reduce {dt} mask_z={mask_z}")
         sig = dict(grad_ptr="*" + dt, out_ptr="*" + dt, z_ptr="*" + dt, mean_ptr="*" + acc, invstd_ptr="*" + acc,
-                   a_ptr="*" + acc, b_ptr="*" + acc, c_ptr="*" + acc, dz_ptr="*" + dt, gres_ptr="*" + dt,
-                   M="i64", K="i32")
+                   a_ptr="*" + acc, b_ptr="*" + acc, c_ptr="*" + acc, gamma_ptr="*" + acc, beta_ptr="*" + acc,
+                   dz_ptr="*" + dt, gres_ptr="*" + dt, M="i64", K="i32")
         for bk in (8, 64, 128):
-            comp(tk._bn_bwd_apply_kernel, sig, dict(RELU=True, STORE_GRES=True, USE_Z=True, BLOCK_M=4096 // bk,
-                                                    BLOCK_K=bk), tag=f"bwd_apply {dt} BLOCK_K={bk}")
+            for mask_z in (False, True):
+                comp(tk._bn_bwd_apply_kernel, sig, dict(RELU=True, STORE_GRES=not mask_z, USE_Z=True, MASK_Z=mask_z,
+                                                        HAS_GAMMA=True, HAS_BETA=True, BLOCK_M=4096 // bk,
+                                                        BLOCK_K=bk), tag=f"bwd_apply {dt} BLOCK_K={bk} mask_z={mask_z}")
         comp(ar._add_relu_fwd_kernel, dict(x_ptr="*" + dt, r_ptr="*" + dt, out_ptr="*" + dt, n_elements="i64"),
              dict(BLOCK=1024), tag=f"add_relu {dt}")
     for acc in ["fp32", "fp64"]:
@@ -115,6 +122,11 @@ def main():
                        K="i32", M="i64", ROWS="i32", mom_hi="fp32", mom_lo="fp32", eps_hi="fp32", eps_lo="fp32")
             comp(tk._bn_finalize_kernel, sig, dict(UPDATE=True, BLOCK_G=32, BLOCK_K=32, G_STEPS=8),
                  tag=f"bn_finalize acc={acc} running={rdt}")
+    for acc in ["fp32", "fp64"]:
+        sig = dict(psum_ptr="*" + acc, psumz_ptr="*" + acc, gamma_ptr="*" + acc, invstd_ptr="*" + acc,
+                   dgamma_ptr="*" + acc, dbeta_ptr="*" + acc, a_ptr="*" + acc, b_ptr="*" + acc, c_ptr="*" + acc,
+                   G="i32", K="i32", ninv_hi="fp32", ninv_lo="fp32")
+        comp(tk._bn_bwd_coef_kernel, sig, dict(HAS_GAMMA=True, BLOCK_G=128, BLOCK_K=16), tag=f"bwd_coef acc={acc}")
     for acc in ["fp32", "fp64"]:
         sig = dict(pmean_ptr="*" + acc, pm2_ptr="*" + acc, qmean_ptr="*" + acc, qm2_ptr="*" + acc, G="i32", K="i32",
                    M="i64", ROWS="i32")

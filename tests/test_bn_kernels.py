@@ -200,3 +200,101 @@ def test_cuda_training_path_coefficients_against_float64(case, dtype):
                                           ("a", a, want_a, 1e-6), ("b", b, -want_a / M * sz * i, 1e-5 * scl * i / M),
                                           ("c", c, -want_a / M * s, 1e-5 * scl / M)):
                 _close(got, want, atol, 1e-5, f"{name} M={M} K={K} gamma={gm is not None}")
+
+
+@pytest.mark.parametrize("case", [p for p in CASES if p.values[0][0] == "triton"])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16, torch.float64], ids=["fp32", "bf16", "fp16", "fp64"])
+def test_triton_training_apply_and_the_relu_mask_from_z(case, dtype):
+    # The Triton training path: the apply computes scale = gamma invstd and shift = beta - mean scale
+    # itself (bn_apply_stats), and the backward kernels recompute the ReLU mask from z with the same
+    # arithmetic instead of reading the output. The mask must be the output's bit for bit, with the
+    # values where it could differ: NaN and infinities in z, and a positive pre-ReLU value that
+    # rounds to 0 in the output dtype (its output is 0, so the gradient is blocked).
+    backend, device = case
+    tk = _impl(backend)
+    g = torch.Generator().manual_seed(3)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tol = TOL.get(dtype, 2e-3)
+    # > 0 in fp32, 0 in the output dtype (for bf16 an fp32 subnormal: not under the interpreter, whose
+    # fp32 -> bf16 conversion of subnormals is not the GPU's round to nearest: 1e-44 gives 8.8e-39)
+    tiny = {torch.float16: 1e-9, torch.bfloat16: None if device == "cpu" else 1e-44}.get(dtype)
+    for M, K in _shapes(device):
+        z = _nhwc(M, K, dtype, device, g)
+        mean = (torch.randn(K, generator=g, dtype=torch.float64) * 0.1).to(device, acc)
+        invstd = (torch.rand(K, generator=g, dtype=torch.float64) + 0.5).to(device, acc)
+        gamma = (torch.rand(K, generator=g, dtype=torch.float64) + 0.5).to(device, acc)
+        beta = torch.randn(K, generator=g, dtype=torch.float64).to(device, acc)
+        zf = z.view(M, K)  # (a channels_last [M, K, 1, 1] tensor: the same memory)
+        zf[0, 0], zf[-1, -1] = float("nan"), float("inf")
+        if K > 2:
+            zf[M // 2, 1] = float("-inf")
+        if tiny is not None and K > 3:  # channel 3: y = 0 * 1 + tiny for a zero z
+            zf[:, 3] = 0
+            gamma[3], invstd[3], mean[3], beta[3] = 1, 1, 0, tiny
+        for gm, bt in ((gamma, beta), (None, None)):
+            out = tk.bn_apply_stats(z, gm, bt, mean, invstd, None, True)
+            sc = invstd.double().cpu() * (gm.double().cpu() if gm is not None else 1)
+            sh = (bt.double().cpu() if bt is not None else 0) - mean.double().cpu() * sc
+            want = (_mat(z) * sc + sh).clamp_min(0)
+            fin = want.isfinite()
+            torch.testing.assert_close(_mat(out)[fin], want[fin], rtol=tol, atol=tol, msg=f"apply M={M} K={K}")
+            # (the output's own non-finite entries: as the formula's)
+            assert torch.equal(_mat(out)[~fin].isnan(), want[~fin].isnan())
+            grad = _nhwc(M, K, dtype, device, g)
+            mask = (gm, bt, invstd)
+            junk = torch.full_like(out, -1.0)  # with the mask from z, out is not read
+            s_out = tk.bn_bwd_reduce(grad, out, z, mean, True)
+            s_z = tk.bn_bwd_reduce(grad, junk, z, mean, True, mask)
+            for a, e in zip(s_z, s_out):
+                torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True)
+            c_out = tk.bn_bwd_reduce_coef(grad, out, z, mean, invstd, gm, True)
+            c_z = tk.bn_bwd_reduce_coef(grad, junk, z, mean, invstd, gm, True, mask)
+            for a, e in zip(c_z, c_out):
+                torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True)
+            a, b, c = c_out[2:]
+            for store in (False, True):
+                d_out = tk.bn_bwd_apply(grad, out, z, mean, invstd, a, b, c, True, store)
+                d_z = tk.bn_bwd_apply(grad, junk, z, mean, invstd, a, b, c, True, store, mask)
+                for x_, e_ in zip(d_z, d_out):
+                    if e_ is None:
+                        assert x_ is None
+                    else:
+                        torch.testing.assert_close(x_, e_, rtol=0, atol=0, equal_nan=True)
+            if tiny is not None and K > 3:  # that channel's gradient is blocked everywhere
+                assert (_mat(d_out[1])[:, 3] == 0).all() and (_mat(out)[:, 3] == 0).all()
+    with pytest.raises(ValueError, match="invstd"):
+        tk.bn_bwd_apply(grad, out, z, mean, invstd, a, b, c, True, False, (gamma, beta, invstd.clone()))
+
+
+@pytest.mark.parametrize("case", [p for p in CASES if p.values[0][0] == "triton"])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_triton_backward_coefficients_against_float64(case, dtype):
+    # bn_bwd_reduce_coef: the partial sums, then one kernel for their sum and the per-channel terms
+    # of dz = a gy + b xhat + c (as the Python arithmetic it replaces), over a row count that spans
+    # several partials
+    backend, device = case
+    tk = _impl(backend)
+    g = torch.Generator().manual_seed(4)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    shapes = [(1, 8), (37, 7), (200, 24)] if device == "cpu" else [(37, 7), (3001, 64), (70000, 64), (129, 264)]
+    for M, K in shapes:
+        z, grad, out = (_nhwc(M, K, dtype, device, g) for _ in range(3))
+        zd, gd, od = _mat(z), _mat(grad), _mat(out)
+        mean = (torch.randn(K, generator=g, dtype=torch.float64) * 0.1).to(device, acc)
+        invstd = (torch.rand(K, generator=g, dtype=torch.float64) + 0.5).to(device, acc)
+        gamma = (torch.rand(K, generator=g, dtype=torch.float64) + 0.5).to(device, acc)
+        i, md = invstd.double().cpu(), mean.double().cpu()
+        for relu in (True, False):
+            gy = gd * (od > 0) if relu else gd
+            s, sz = gy.sum(0), (gy * (zd - md)).sum(0)
+            scl = gy.abs().sum(0) * (1 + zd.abs().max().item()) + 1e-6
+            rel = 1e-12 if dtype == torch.float64 else 1e-5
+            for gm in (gamma, None):
+                got = tk.bn_bwd_reduce_coef(grad, out, z, mean, invstd, gm, relu)
+                assert all(t.dtype == acc and t.shape == (K,) for t in got)
+                dgamma, dbeta, a, b, c = got
+                want_a = (1 if gm is None else gm.double().cpu()) * i
+                for name, t, want, atol in (("dbeta", dbeta, s, rel * scl), ("dgamma", dgamma, sz * i, rel * scl * i),
+                                            ("a", a, want_a, rel), ("b", b, -want_a / M * sz * i, rel * scl * i / M),
+                                            ("c", c, -want_a / M * s, rel * scl / M)):
+                    _close(t, want, atol, rel, f"{name} M={M} K={K} relu={relu} gamma={gm is not None}")

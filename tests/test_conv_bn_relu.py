@@ -552,26 +552,72 @@ def test_two_level_statistics_merge(case, monkeypatch):
         assert_close(bn_o["running_var"], bn_e["running_var"], *_tol(dt))
 
 
+@pytest.mark.parametrize("case", [p for p in BACKEND_DEVICE if p.values[0] in (("reference", "cpu"),
+                                                                           ("triton", "cpu"))])
 @pytest.mark.parametrize("direct", [True, False], ids=["fast-path", "custom-op"])
-def test_output_kept_for_backward_only_as_the_relu_mask(direct, monkeypatch):
+def test_output_kept_for_backward_only_as_the_relu_mask(case, direct, monkeypatch):
     # without a ReLU the forward keeps no reference to its output (a downsample's output, the next
-    # op's residual, is freed once that op has run, as in eager); with one it keeps the output
+    # op's residual, is freed once that op has run, as in eager); with one it keeps the output, except
+    # on Triton in training without a residual, whose backward recomputes the mask from z (then it
+    # keeps bn_bias instead: a parameter)
     from resnet_fused.ops import _common
 
+    backend, device = case
     monkeypatch.setattr(_common, "DIRECT", [direct])
-    x, w, bn, _, conv = make("3x3s2", "cpu", residual=False)
+    x, w, bn, res, conv = make("3x3s2", device)
     x.requires_grad_()
-    for relu in (False, True):
-        out = conv_bn_relu(x, w, bn["bn_weight"], bn["bn_bias"], bn["running_mean"].clone(),
-                           bn["running_var"].clone(), training=True, relu=relu, **conv)
-        saved = [t for t in out.grad_fn.saved_tensors if t is not None]
+    for relu, residual in ((False, None), (True, None), (True, res)):
+        with resnet_fused.use_backend(backend), resnet_fused.dispatch_trace() as trace:
+            out = conv_bn_relu(x, w, bn["bn_weight"], bn["bn_bias"], bn["running_mean"].clone(),
+                               bn["running_var"].clone(), training=True, relu=relu, residual=residual, **conv)
+            saved = [t for t in out.grad_fn.saved_tensors if t is not None]
+            g, = torch.autograd.grad(out, x, torch.ones_like(out))
+        from_z = backend == "triton" and relu and residual is None
         keeps_out = any(t.data_ptr() == out.data_ptr() for t in saved)
-        assert keeps_out == relu, (relu, [tuple(t.shape) for t in saved])
-        g, = torch.autograd.grad(out, x, torch.ones_like(out))
+        assert keeps_out == (relu and not from_z), (relu, [tuple(t.shape) for t in saved])
+        if backend == "triton":
+            want = "mask from z" if from_z else "mask from out" if relu else "no mask"
+            assert ("conv_bn_relu_backward/triton", want) in trace, trace
         exp = conv_bn_relu_reference(x, w, bn["bn_weight"], bn["bn_bias"], bn["running_mean"].clone(),
-                                     bn["running_var"].clone(), training=True, relu=relu, **conv)
+                                     bn["running_var"].clone(), training=True, relu=relu, residual=residual, **conv)
         e, = torch.autograd.grad(exp, x, torch.ones_like(exp))
         assert_close(g, e, 1e-4, 1e-3, f"grad x relu={relu}")
+
+
+TRITON_DEVICE = [p for p in FUSED_BACKEND_DEVICE if p.values[0][0] == "triton"]
+
+
+@pytest.mark.parametrize("case", TRITON_DEVICE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize("direct", [True, False], ids=["fast-path", "custom-op"])
+def test_triton_relu_mask_from_z_gives_the_gradients_of_the_mask_from_out(case, dtype, direct, monkeypatch):
+    # the same kernels with the mask read from the output: every gradient bit for bit (the masks
+    # are the same, and nothing else differs), with and without affine BatchNorm parameters
+    import resnet_fused.ops.conv_bn_relu as CBR
+    from resnet_fused.ops import _common
+
+    backend, device = case
+    monkeypatch.setattr(_common, "DIRECT", [direct])
+    for affine in (True, False):
+        x, w, bn, _, conv = make("3x3s2", device, dtype, residual=False, affine=affine)
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, bn["bn_weight"], bn["bn_bias"])
+                  if t is not None]
+        gout = torch.randn(x.shape[0], w.shape[0], 4, 3, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+        got = {}
+        for from_z in (True, False):
+            if not from_z:
+                monkeypatch.setattr(CBR, "_mask_from_z", lambda *a: False)
+            with resnet_fused.use_backend(backend), resnet_fused.dispatch_trace() as trace:
+                out = conv_bn_relu(*leaves[:2], *(leaves[2:] if affine else (None, None)), bn["running_mean"].clone(),
+                                   bn["running_var"].clone(), training=True, **conv)
+                got[from_z] = (out, torch.autograd.grad(out, leaves, gout))
+            assert ("conv_bn_relu_backward/triton", "mask from z" if from_z else "mask from out") in trace, trace
+        monkeypatch.undo()
+        monkeypatch.setattr(_common, "DIRECT", [direct])
+        assert (got[True][0] > 0).any() and (got[True][0] == 0).any()  # the mask matters
+        assert_close(got[True][0], got[False][0], 0, 0, "out")
+        for i, (a, e) in enumerate(zip(got[True][1], got[False][1])):
+            assert_close(a, e, 0, 0, f"grad {i} affine={affine}")
 
 
 @pytest.mark.parametrize("case", BACKEND_DEVICE)

@@ -243,3 +243,32 @@ def test_synchronized_backward_joins_the_collective_without_an_output_gradient(d
         (_DropGrad.apply(out).sum() + 0 * xr.sum()).backward()
     assert joined == [7]
     assert xr.grad is not None and not xr.grad.any()  # nothing flowed back through the conv
+
+
+@pytest.mark.skipif(not __import__("resnet_fused")._triton.interpreting(), reason="TRITON_INTERPRET=1 not set")
+@pytest.mark.parametrize("direct", [True, False])
+def test_synchronized_triton_backward_recomputes_the_relu_mask_from_z(direct, monkeypatch):
+    # synchronized BatchNorm on the Triton backend keeps the Python arithmetic between its two
+    # collectives, and still takes the mask from z (one rank: the collectives stubbed as identities)
+    from resnet_fused.ops.conv_bn_relu import sync, triton_kernels
+
+    monkeypatch.setattr(_common, "DIRECT", [direct])
+    monkeypatch.setattr(sync, "group_key", lambda g: 7 if g is not None else 0)
+    monkeypatch.setattr(sync, "finalize", lambda pm, pm2, rows, M, rm, rv, mom, eps, key:
+                        triton_kernels.bn_finalize(pm, pm2, rows, M, rm, rv, mom, eps))
+    joined = []
+    monkeypatch.setattr(sync, "reduce_grad_sums", lambda gy, gyz, M, key: joined.append(key) or (gy, gyz, M))
+    x, w, bn, _, conv = make("3x3s1", "cpu")
+    grads = {}
+    for group in (True, None):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, bn["bn_weight"], bn["bn_bias"])]
+        with resnet_fused.use_backend("triton"), resnet_fused.dispatch_trace() as trace:
+            out = conv_bn_relu(*leaves, bn["running_mean"].clone(), bn["running_var"].clone(), training=True,
+                               process_group=group, **conv)
+            saved = [t for t in out.grad_fn.saved_tensors if t is not None]
+            grads[group] = torch.autograd.grad(out.square().sum(), leaves)
+        assert ("conv_bn_relu_backward/triton", "mask from z") in trace, trace
+        assert joined == [7]  # the synchronized call's backward joined; the plain one's (after it) did not
+        assert not any(t.data_ptr() == out.data_ptr() for t in saved)
+    for name, a, e in zip(("x", "weight", "bn_weight", "bn_bias"), grads[True], grads[None]):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=f"grad {name}")

@@ -74,6 +74,24 @@ def _in_layout(t: Tensor, shape, memory_format=None, like: Optional[Tensor] = No
     return want.copy_(t)
 
 
+def _affine(bn_weight, bn_bias, mean, invstd):
+    """The BatchNorm as a per-channel (scale, shift) in the statistics' dtype."""
+    K, acc = mean.shape[0], mean.dtype
+    gamma = bn_weight.to(acc) if bn_weight is not None else torch.ones(K, device=mean.device, dtype=acc)
+    beta = bn_bias.to(acc) if bn_bias is not None else torch.zeros(K, device=mean.device, dtype=acc)
+    scale = gamma * invstd
+    return scale, torch.addcmul(beta, mean, scale, value=-1)
+
+
+def _mask_from_z(backend, training, relu, residual, recompute):
+    """Whether the backward recomputes the ReLU mask from z (the Triton training apply's scale and
+    shift, _bn_affine) instead of reading the output, which the forward then does not keep: a
+    training layer with a ReLU and no residual, whose z the backward reads as the forward wrote it
+    (not recomputed: ATen's conv need not give Triton's bits). The CUDA backend's C++ node does the
+    same in C++ (csrc/conv_bn_train_node.cpp)."""
+    return backend == "triton" and training and relu and residual is None and not recompute
+
+
 def _fwd_shape(x, weight, stride, padding, dilation):
     N, _, H, W = x.shape
     K, _, R, S = weight.shape
@@ -119,8 +137,6 @@ def _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
     P, Q = _out_size(H, W, R, S, stride, padding, dilation)
     M = N * P * Q
     acc = acc_dtype(x.dtype)
-    gamma = bn_weight.to(acc) if bn_weight is not None else torch.ones(K, device=x.device, dtype=acc)
-    beta = bn_bias.to(acc) if bn_bias is not None else torch.zeros(K, device=x.device, dtype=acc)
     if residual is not None:
         residual = _in_layout(residual, residual.shape, CL)
     # The Triton kernel reads the weight as [K, R, S, C/groups] (free for channels_last weights).
@@ -133,16 +149,20 @@ def _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
                                                           sync_group)
         else:
             mean, invstd, new_rm, new_rv = B.bn_finalize(pm, pm2, rows, M, running_mean, running_var, momentum, eps)
-        scale = gamma * invstd
-        out = B.bn_apply(z, scale, torch.addcmul(beta, mean, scale, value=-1), residual, relu)
+        if backend == "triton":
+            # scale and shift computed in the kernel, as the backward recomputes them for the ReLU
+            # mask (_mask_from_z): no [K] arithmetic here
+            out = B.bn_apply_stats(z, bn_weight, bn_bias, mean, invstd, residual, relu)
+        else:
+            scale, shift = _affine(bn_weight, bn_bias, mean, invstd)
+            out = B.bn_apply(z, scale, shift, residual, relu)
     else:
         new_rm = new_rv = None
         mean = running_mean.to(acc, copy=True)
         invstd = torch.rsqrt(running_var.to(acc) + eps)
-        scale = gamma * invstd
+        scale, shift = _affine(bn_weight, bn_bias, mean, invstd)
         out, z, _, _, _ = B.conv_fwd(x, w, K, P, Q, stride, padding, dilation, groups, training=False, scale=scale,
-                                     shift=torch.addcmul(beta, mean, scale, value=-1), residual=residual, relu=relu, store_z=store_z,
-                                     **common)
+                                     shift=shift, residual=residual, relu=relu, store_z=store_z, **common)
     out = _in_layout(out, (N, K, P, Q), CL)
     # (Outputs may not alias each other: a fresh empty tensor for each missing one.)
     z = _in_layout(z, (N, K, P, Q), CL) if z is not None else x.new_empty(0)
@@ -170,16 +190,18 @@ def _(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride
 def _bwd_op(grad: Tensor, x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], z: Tensor, out: Tensor,
             mean: Tensor, invstd: Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int,
             training: bool, relu: bool, output_mask: list[bool],
-            backend: str, sync_group: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+            backend: str, sync_group: int = 0, bn_bias: Optional[Tensor] = None,
+            mask_from_z: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (x, weight, bn_weight, bn_bias, residual); entries not asked for in
-    output_mask come back empty."""
+    output_mask come back empty. ``mask_from_z`` (Triton, training): the ReLU mask is recomputed
+    from z, bn_weight, bn_bias and the statistics; ``out`` is not read."""
     with device_guard(x):
         return _backward_impl(grad, x, weight, bn_weight, z, out, mean, invstd, stride, padding, dilation, groups,
-                              training, relu, output_mask, backend, sync_group)
+                              training, relu, output_mask, backend, sync_group, bn_bias, mask_from_z)
 
 
 def _backward_impl(grad, x, weight, bn_weight, z, out, mean, invstd, stride, padding, dilation, groups, training,
-                   relu, output_mask, backend, sync_group):
+                   relu, output_mask, backend, sync_group, bn_bias=None, mask_from_z=False):
     _backends.note(OP + "_backward", backend)
     if training and backend == "cuda" and not sync_group and _cuda_impl.CPP_TRAIN[0]:
         return _cuda_impl.train_backward(grad, x, weight, bn_weight, z, out, mean, invstd, stride, padding, dilation,
@@ -192,14 +214,30 @@ def _backward_impl(grad, x, weight, bn_weight, z, out, mean, invstd, stride, pad
     if not relu:
         out = grad  # (not read without a ReLU, and not saved by the forward: a stand-in of its layout)
     M = grad.numel() // K if K else 0
+    if (training or need_dg or need_db) and z.numel() != grad.numel():
+        raise RuntimeError(f"{OP}: backward needs the conv output, which the forward did not save")
+    mask = None
+    if mask_from_z:
+        if backend != "triton" or not (training and relu):
+            raise RuntimeError(f"{OP}: the ReLU mask from z is the Triton training backward's, got backend "
+                               f"{backend!r}, training={training}, relu={relu}")
+        mask = (bn_weight, bn_bias, invstd)
+    if backend == "triton":
+        _backends.note(OP + "_backward/triton",
+                       "mask from z" if mask is not None else "mask from out" if relu else "no mask")
+    if training and backend == "triton" and not sync_group:
+        # the sums and the per-channel terms in two launches (triton_kernels.bn_bwd_reduce_coef)
+        dgamma, dbeta, a, b, c = B.bn_bwd_reduce_coef(grad, out, z, mean, invstd, bn_weight, relu, mask)
+        dz, gres = B.bn_bwd_apply(grad, out, z, mean, invstd, a, b, c, relu, need_dr, mask)
+        return _conv_grads(dz, gres, x, weight, bn_weight, dgamma, dbeta, grad, stride, padding, dilation, groups,
+                           output_mask)
+    kw = {"mask": mask} if mask is not None else {}  # (synchronized BatchNorm on Triton)
     gamma = bn_weight.to(acc) if bn_weight is not None else torch.ones(K, device=x.device, dtype=acc)
     a = gamma * invstd
     b = c = None
     dgamma = dbeta = None
     if training or need_dg or need_db:
-        if z.numel() != grad.numel():
-            raise RuntimeError(f"{OP}: backward needs the conv output, which the forward did not save")
-        sum_gy, sum_gyz = B.bn_bwd_reduce(grad, out, z, mean, relu)
+        sum_gy, sum_gyz = B.bn_bwd_reduce(grad, out, z, mean, relu, **kw)
         dbeta, dgamma = sum_gy, sum_gyz * invstd  # sum(gy), sum(gy * xhat)
         if training:
             if sync_group:
@@ -212,7 +250,13 @@ def _backward_impl(grad, x, weight, bn_weight, z, out, mean, invstd, stride, pad
             else:
                 coef = a * (-1.0 / M)  # (few launches: this runs per layer, on [K] vectors)
                 b, c = coef * dgamma, coef * dbeta
-    dz, gres = B.bn_bwd_apply(grad, out, z, mean, invstd, a, b, c, relu, need_dr)
+    dz, gres = B.bn_bwd_apply(grad, out, z, mean, invstd, a, b, c, relu, need_dr, **kw)
+    return _conv_grads(dz, gres, x, weight, bn_weight, dgamma, dbeta, grad, stride, padding, dilation, groups,
+                       output_mask)
+
+
+def _conv_grads(dz, gres, x, weight, bn_weight, dgamma, dbeta, grad, stride, padding, dilation, groups, output_mask):
+    need_dx, need_dw, need_dg, need_db, need_dr = output_mask
     dx = dw = None
     if need_dx or need_dw:
         dx, dw, _ = torch.ops.aten.convolution_backward(dz, x, weight, None, stride, padding, dilation, False, [0, 0],
@@ -229,7 +273,7 @@ def _backward_impl(grad, x, weight, bn_weight, z, out, mean, invstd, stride, pad
 
 @_bwd_op.register_fake
 def _(grad, x, weight, bn_weight, z, out, mean, invstd, stride, padding, dilation, groups, training, relu,
-      output_mask, backend, sync_group=0):
+      output_mask, backend, sync_group=0, bn_bias=None, mask_from_z=False):
     e = lambda: x.new_empty(0)  # noqa: E731
     K = weight.shape[0]
     need_dx, need_dw, need_dg, need_db, need_dr = output_mask
@@ -247,28 +291,31 @@ def _setup_context(ctx, inputs, output):
      relu, _store_z, _tf32, backend, sync_group, recompute) = inputs
     out, z, mean, invstd, new_rm, new_rv = output
     # the output only as the ReLU's mask: without a ReLU it is not kept (a downsample's output,
-    # the next op's residual, is then freed as soon as that op has run, as in eager PyTorch)
+    # the next op's residual, is then freed as soon as that op has run, as in eager PyTorch), nor
+    # where the backward recomputes the mask from z (then bn_bias is kept: a parameter)
     # with recompute, not the conv output either: the backward recomputes it from x and weight
-    ctx.save_for_backward(x, weight, bn_weight, None if recompute else z, out if relu else None, mean, invstd)
-    ctx.conf = (stride, padding, dilation, groups, training, relu, backend, sync_group, recompute)
+    mask_z = _mask_from_z(backend, training, relu, residual, recompute)
+    ctx.save_for_backward(x, weight, bn_weight, None if recompute else z, out if relu and not mask_z else None, mean,
+                          invstd, bn_bias if mask_z else None)
+    ctx.conf = (stride, padding, dilation, groups, training, relu, backend, sync_group, recompute, mask_z)
     ctx.bias_dtype = bn_bias.dtype if bn_bias is not None else None
     ctx.mark_non_differentiable(z, mean, invstd, new_rm, new_rv)
 
 
 def _grads(ctx, gout, bwd):
-    x, weight, bn_weight, z, out, mean, invstd = ctx.saved_tensors
-    stride, padding, dilation, groups, training, relu, backend, sync_group, recompute = ctx.conf
+    x, weight, bn_weight, z, out, mean, invstd, bn_bias = ctx.saved_tensors
+    stride, padding, dilation, groups, training, relu, backend, sync_group, recompute, mask_z = ctx.conf
     nig = ctx.needs_input_grad
     if recompute:  # the conv output again, where the backward reads it (cuDNN on CUDA; the same values)
         z = aten_conv(x, weight, stride, padding, dilation, groups) if training or nig[2] or nig[3] else \
             x.new_empty(0)
-    if out is None:  # no ReLU: the kernels do not read it (any tensor of its shape stands in)
+    if out is None:  # no ReLU or the mask from z: the kernels do not read it (any tensor of its shape stands in)
         out = gout
     mask = [bool(nig[0]), bool(nig[1]), bool(nig[2]), bool(nig[3]), bool(nig[6])]
     grads = [None] * 20
     if any(mask):
         res = bwd(gout, x, weight, bn_weight, z, out, mean, invstd, stride, padding, dilation, groups, training, relu,
-                  mask, backend, sync_group)
+                  mask, backend, sync_group, bn_bias, mask_z)
         for slot, need, g in zip((0, 1, 2, 3, 6), mask, res):
             if need:
                 grads[slot] = g.to(ctx.bias_dtype) if slot == 3 and ctx.bias_dtype is not None else g

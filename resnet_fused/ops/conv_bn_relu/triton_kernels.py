@@ -791,22 +791,52 @@ def _elem_blocks(K):
 
 
 @triton.jit
+def _bn_affine(gamma_ptr, beta_ptr, mean, invstd, offs_k, k_mask, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr):
+    """The training apply's per-channel scale = gamma * invstd and shift = beta - mean * scale
+    (an explicit fma): one definition for the forward's apply and the backward's ReLU mask, so
+    that both compute the same bits."""
+    if HAS_GAMMA:
+        sc = tl.load(gamma_ptr + offs_k, mask=k_mask, other=0.0).to(invstd.dtype) * invstd
+    else:
+        sc = invstd
+    if HAS_BETA:
+        bt = tl.load(beta_ptr + offs_k, mask=k_mask, other=0.0).to(invstd.dtype)
+    else:
+        bt = tl.zeros_like(invstd)
+    return sc, tl.fma(-mean, sc, bt)
+
+
+@triton.jit
+def _relu_blocked(z, sc, sh, out_dtype: tl.constexpr):
+    """Where the forward's ReLU output out = cast(relu(fma(z, scale, shift))) is <= 0 (the mask of
+    threshold_backward: a NaN passes), from z and the apply's scale / shift alone."""
+    return tl.fma(z.to(sc.dtype), sc[None, :], sh[None, :]).to(out_dtype) <= 0
+
+
+@triton.jit
 def _bn_apply_kernel(
     z_ptr,  # [M, K] conv output, NHWC dense
-    scale_ptr, shift_ptr,  # [K] accumulator dtype
+    scale_ptr, shift_ptr,  # [K] scale / shift (accumulator dtype); STATS: gamma / beta (any float dtype)
+    mean_ptr, invstd_ptr,  # [K] batch statistics (STATS)
     res_ptr,  # [M, K] residual (HAS_RES)
     out_ptr,  # [M, K]
     M, K,
+    STATS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
     HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
-    sc = tl.load(scale_ptr + offs_k, mask=k_mask, other=0.0)
-    sh = tl.load(shift_ptr + offs_k, mask=k_mask, other=0.0)
+    if STATS:  # scale and shift from the statistics, as the backward's mask recomputes them
+        mean = tl.load(mean_ptr + offs_k, mask=k_mask, other=0.0)
+        invstd = tl.load(invstd_ptr + offs_k, mask=k_mask, other=0.0)
+        sc, sh = _bn_affine(scale_ptr, shift_ptr, mean, invstd, offs_k, k_mask, HAS_GAMMA, HAS_BETA)
+    else:
+        sc = tl.load(scale_ptr + offs_k, mask=k_mask, other=0.0)
+        sh = tl.load(shift_ptr + offs_k, mask=k_mask, other=0.0)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     msk = (rows < M)[:, None] & k_mask[None, :]
     idx = rows[:, None] * K + offs_k[None, :]
-    y = tl.load(z_ptr + idx, mask=msk, other=0.0).to(sc.dtype) * sc[None, :] + sh[None, :]
+    y = tl.fma(tl.load(z_ptr + idx, mask=msk, other=0.0).to(sc.dtype), sc[None, :], sh[None, :])
     if HAS_RES:
         y += tl.load(res_ptr + idx, mask=msk, other=0.0).to(y.dtype)
     if RELU:
@@ -814,34 +844,51 @@ def _bn_apply_kernel(
     tl.store(out_ptr + idx, y.to(out_ptr.dtype.element_ty), mask=msk)
 
 
-def bn_apply(z, scale, shift, residual, relu):
-    """out = relu?(z * scale + shift + residual?) over NHWC-dense z (and residual)."""
+def _apply(z, scale, shift, mean, invstd, residual, relu, stats):
     out = torch.empty_like(z)
     K = z.shape[1]
     M = z.numel() // K if K else 0
     if M:
         bm, bk = _elem_blocks(K)
         _bn_apply_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
-            z, scale, shift, residual if residual is not None else z, out, M, K,
-            HAS_RES=residual is not None, RELU=relu, BLOCK_M=bm, BLOCK_K=bk)
+            z, scale if scale is not None else z, shift if shift is not None else z,
+            mean if stats else z, invstd if stats else z, residual if residual is not None else z, out, M, K,
+            STATS=stats, HAS_GAMMA=scale is not None, HAS_BETA=shift is not None, HAS_RES=residual is not None,
+            RELU=relu, BLOCK_M=bm, BLOCK_K=bk)
     return out
+
+
+def bn_apply(z, scale, shift, residual, relu):
+    """out = relu?(z * scale + shift + residual?) over NHWC-dense z (and residual)."""
+    return _apply(z, scale, shift, None, None, residual, relu, False)
+
+
+def bn_apply_stats(z, gamma, beta, mean, invstd, residual, relu):
+    """The training apply: out = relu?(z * scale + shift + residual?) with scale = gamma * invstd and
+    shift = beta - mean * scale computed in the kernel (gamma / beta may be None: 1 / 0), as the
+    backward kernels recompute them for the ReLU mask (``mask_affine``)."""
+    return _apply(z, gamma, beta, mean, invstd, residual, relu, True)
 
 
 @triton.jit
 def _bn_bwd_reduce_kernel(
     grad_ptr,  # [M, K] upstream gradient, NHWC dense
-    out_ptr,  # [M, K] forward output (for the ReLU mask)
+    out_ptr,  # [M, K] forward output (for the ReLU mask; not read with MASK_Z)
     z_ptr,  # [M, K] conv output
     mean_ptr,  # [K]
+    gamma_ptr, beta_ptr, invstd_ptr,  # [K] (MASK_Z: the forward apply's scale / shift, recomputed)
     psum_ptr, psumz_ptr,  # [G, K] partial sums of gy and gy * (z - mean)
-    M, K,
-    ROWS: tl.constexpr,  # rows per partial (a loop bound)
-    RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    M, K, ROWS,  # ROWS: rows per partial, a multiple of BLOCK_M
+    RELU: tl.constexpr, MASK_Z: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_g = tl.program_id(0)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
     mean = tl.load(mean_ptr + offs_k, mask=k_mask, other=0.0)
+    if MASK_Z:
+        invstd = tl.load(invstd_ptr + offs_k, mask=k_mask, other=0.0)
+        sc, sh = _bn_affine(gamma_ptr, beta_ptr, mean, invstd, offs_k, k_mask, HAS_GAMMA, HAS_BETA)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=mean.dtype)
     accz = tl.zeros((BLOCK_M, BLOCK_K), dtype=mean.dtype)
     row0 = pid_g.to(tl.int64) * ROWS
@@ -850,43 +897,122 @@ def _bn_bwd_reduce_kernel(
         msk = (rows < M)[:, None] & k_mask[None, :]
         idx = rows[:, None] * K + offs_k[None, :]
         gy = tl.load(grad_ptr + idx, mask=msk, other=0.0).to(mean.dtype)
+        zr = tl.load(z_ptr + idx, mask=msk, other=0.0)
         if RELU:
-            o = tl.load(out_ptr + idx, mask=msk, other=0.0)
-            gy = tl.where(o <= 0, 0.0, gy)  # as threshold_backward: NaN passes
-        zc = tl.load(z_ptr + idx, mask=msk, other=0.0).to(mean.dtype) - mean[None, :]
+            if MASK_Z:
+                gy = tl.where(_relu_blocked(zr, sc, sh, z_ptr.dtype.element_ty), 0.0, gy)
+            else:
+                o = tl.load(out_ptr + idx, mask=msk, other=0.0)
+                gy = tl.where(o <= 0, 0.0, gy)  # as threshold_backward: NaN passes
         acc += gy
-        accz += tl.where(msk, gy * zc, 0.0)
+        accz += tl.where(msk, gy * (zr.to(mean.dtype) - mean[None, :]), 0.0)
     pidx = pid_g.to(tl.int64) * K + offs_k
     tl.store(psum_ptr + pidx, tl.sum(acc, axis=0), mask=k_mask)
     tl.store(psumz_ptr + pidx, tl.sum(accz, axis=0), mask=k_mask)
 
 
-def bn_bwd_reduce(grad, out, z, mean, relu):
-    """Per-channel sum(gy) and sum(gy * (z - mean)), gy = grad masked by ReLU. Returns two [K] tensors."""
+_MAX_PARTIALS = 1024  # of the backward's sums: at least 256 rows each, at most this many partials
+
+
+def _bwd_partials(grad, out, z, mean, relu, mask):
+    """[G, K] partial sums of gy and gy * (z - mean): G <= _MAX_PARTIALS blocks of rows."""
     K = z.shape[1]
-    M = z.numel() // K if K else 0
-    rows = 32 if interpreting() else 256
-    G = max(1, triton.cdiv(M, rows))
-    if not M:
-        z0 = torch.zeros(K, device=z.device, dtype=mean.dtype)
-        return z0, z0.clone()
+    M = z.numel() // K
+    bm = 32
+    rows = bm if interpreting() else max(256, triton.cdiv(triton.cdiv(M, _MAX_PARTIALS), bm) * bm)
+    G = triton.cdiv(M, rows)
     psum = torch.empty((G, K), device=z.device, dtype=mean.dtype)  # every partial is written
     psumz = torch.empty_like(psum)
+    gamma, beta, invstd = mask if mask is not None else (None, None, None)
     bk = 16 if interpreting() else 64
     _bn_bwd_reduce_kernel[(G, triton.cdiv(K, bk))](
-        grad, out, z, mean, psum, psumz, M, K, ROWS=rows, RELU=relu, BLOCK_M=min(rows, 32), BLOCK_K=bk)
+        grad, out, z, mean, gamma if gamma is not None else mean, beta if beta is not None else mean,
+        invstd if invstd is not None else mean, psum, psumz, M, K, rows,
+        RELU=relu, MASK_Z=mask is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
+        BLOCK_M=bm, BLOCK_K=bk)
+    return psum, psumz
+
+
+def bn_bwd_reduce(grad, out, z, mean, relu, mask=None):
+    """Per-channel sum(gy) and sum(gy * (z - mean)), gy = grad masked by ReLU. Returns two [K] tensors.
+    ``mask`` = (gamma, beta, invstd): the ReLU mask from z and the training apply's scale / shift
+    (``bn_apply_stats``) instead of from ``out``, which is not read."""
+    K = z.shape[1]
+    if not z.numel():
+        z0 = torch.zeros(K, device=z.device, dtype=mean.dtype)
+        return z0, z0.clone()
+    psum, psumz = _bwd_partials(grad, out, z, mean, relu, mask)
     # A fixed-order sum over the partials: deterministic.
     return psum.sum(0), psumz.sum(0)
 
 
 @triton.jit
+def _bn_bwd_coef_kernel(
+    psum_ptr, psumz_ptr,  # [G, K] partial sums of gy and gy * (z - mean)
+    gamma_ptr, invstd_ptr,  # [K]
+    dgamma_ptr, dbeta_ptr, a_ptr, b_ptr, c_ptr,  # [K] outputs, accumulator dtype
+    G, K,
+    ninv_hi, ninv_lo,  # -1 / M as an fp32 (hi + lo) pair
+    HAS_GAMMA: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # The training backward's per-channel terms in one program per BLOCK_K channels, in the
+    # order of the Python arithmetic they replace: dbeta = sum(gy), dgamma = sum(gy (z - mean)) invstd,
+    # a = gamma invstd, b = a (-1/M) dgamma, c = a (-1/M) dbeta (dz = a gy + b xhat + c).
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    invstd = tl.load(invstd_ptr + offs_k, mask=k_mask, other=0.0)
+    s = tl.zeros((BLOCK_G, BLOCK_K), dtype=invstd.dtype)
+    sz = tl.zeros((BLOCK_G, BLOCK_K), dtype=invstd.dtype)
+    offs_g = tl.arange(0, BLOCK_G)
+    for g0 in range(0, G, BLOCK_G):  # a fixed order: deterministic
+        gg = g0 + offs_g
+        msk = (gg < G)[:, None] & k_mask[None, :]
+        idx = gg[:, None].to(tl.int64) * K + offs_k[None, :]
+        s += tl.load(psum_ptr + idx, mask=msk, other=0.0)
+        sz += tl.load(psumz_ptr + idx, mask=msk, other=0.0)
+    dbeta = tl.sum(s, axis=0)
+    dgamma = tl.sum(sz, axis=0) * invstd
+    if HAS_GAMMA:
+        a = tl.load(gamma_ptr + offs_k, mask=k_mask, other=0.0).to(invstd.dtype) * invstd
+    else:
+        a = invstd
+    coef = a * ((tl.zeros_like(invstd) + ninv_hi) + ninv_lo)
+    tl.store(dgamma_ptr + offs_k, dgamma, mask=k_mask)
+    tl.store(dbeta_ptr + offs_k, dbeta, mask=k_mask)
+    tl.store(a_ptr + offs_k, a, mask=k_mask)
+    tl.store(b_ptr + offs_k, coef * dgamma, mask=k_mask)
+    tl.store(c_ptr + offs_k, coef * dbeta, mask=k_mask)
+
+
+def bn_bwd_reduce_coef(grad, out, z, mean, invstd, gamma, relu, mask=None):
+    """The training backward's reduction and per-channel terms: (dgamma, dbeta, a, b, c) in the
+    accumulator dtype, for ``bn_bwd_apply``'s dz = a gy + b xhat + c. Two launches: the partial
+    sums, then one kernel for their sum and the [K] arithmetic. ``mask`` as in ``bn_bwd_reduce``."""
+    K = z.shape[1]
+    M = z.numel() // K if K else 0
+    outs = [torch.empty(K, device=z.device, dtype=mean.dtype) for _ in range(5)]
+    if not K:
+        return tuple(outs)
+    if M:
+        psum, psumz = _bwd_partials(grad, out, z, mean, relu, mask)
+    else:
+        psum = psumz = torch.zeros((1, K), device=z.device, dtype=mean.dtype)
+    bk = 16
+    _bn_bwd_coef_kernel[(triton.cdiv(K, bk),)](
+        psum, psumz, gamma if gamma is not None else invstd, invstd, *outs, psum.shape[0], K,
+        *_split(-1.0 / max(M, 1)), HAS_GAMMA=gamma is not None, BLOCK_G=32 if interpreting() else 128, BLOCK_K=bk)
+    return tuple(outs)
+
+
+@triton.jit
 def _bn_bwd_apply_kernel(
-    grad_ptr, out_ptr, z_ptr,  # [M, K] NHWC dense
+    grad_ptr, out_ptr, z_ptr,  # [M, K] NHWC dense (out: not read with MASK_Z)
     mean_ptr, invstd_ptr, a_ptr, b_ptr, c_ptr,  # [K]
+    gamma_ptr, beta_ptr,  # [K] (MASK_Z)
     dz_ptr, gres_ptr,  # [M, K] outputs
     M, K,
-    RELU: tl.constexpr, STORE_GRES: tl.constexpr, USE_Z: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    RELU: tl.constexpr, STORE_GRES: tl.constexpr, USE_Z: tl.constexpr, MASK_Z: tl.constexpr,
+    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # dz = a * gy + b * xhat + c,  xhat = (z - mean) * invstd.  Training BatchNorm:
     # a = gamma * invstd, b = -a * sum(gy * xhat) / M, c = -a * sum(gy) / M; eval: b = c = 0.
@@ -897,31 +1023,44 @@ def _bn_bwd_apply_kernel(
     msk = (rows < M)[:, None] & k_mask[None, :]
     idx = rows[:, None] * K + offs_k[None, :]
     gy = tl.load(grad_ptr + idx, mask=msk, other=0.0)
+    if USE_Z or MASK_Z:
+        mean = tl.load(mean_ptr + offs_k, mask=k_mask, other=0.0)
+        invstd = tl.load(invstd_ptr + offs_k, mask=k_mask, other=0.0)
+        zr = tl.load(z_ptr + idx, mask=msk, other=0.0)
     if RELU:
-        o = tl.load(out_ptr + idx, mask=msk, other=0.0)
-        gy = tl.where(o <= 0, 0.0, gy)  # as threshold_backward: NaN passes
+        if MASK_Z:
+            sc, sh = _bn_affine(gamma_ptr, beta_ptr, mean, invstd, offs_k, k_mask, HAS_GAMMA, HAS_BETA)
+            gy = tl.where(_relu_blocked(zr, sc, sh, z_ptr.dtype.element_ty), 0.0, gy)
+        else:
+            o = tl.load(out_ptr + idx, mask=msk, other=0.0)
+            gy = tl.where(o <= 0, 0.0, gy)  # as threshold_backward: NaN passes
     if STORE_GRES:
         tl.store(gres_ptr + idx, gy.to(gres_ptr.dtype.element_ty), mask=msk)
     dz = a[None, :] * gy.to(a.dtype)
     if USE_Z:
-        mean = tl.load(mean_ptr + offs_k, mask=k_mask, other=0.0)
-        bi = tl.load(b_ptr + offs_k, mask=k_mask, other=0.0) * tl.load(invstd_ptr + offs_k, mask=k_mask, other=0.0)
+        bi = tl.load(b_ptr + offs_k, mask=k_mask, other=0.0) * invstd
         c = tl.load(c_ptr + offs_k, mask=k_mask, other=0.0)
-        zc = tl.load(z_ptr + idx, mask=msk, other=0.0).to(a.dtype) - mean[None, :]
-        dz += bi[None, :] * zc + c[None, :]
+        dz += bi[None, :] * (zr.to(a.dtype) - mean[None, :]) + c[None, :]
     tl.store(dz_ptr + idx, dz.to(dz_ptr.dtype.element_ty), mask=msk)
 
 
-def bn_bwd_apply(grad, out, z, mean, invstd, a, b, c, relu, store_gres):
+def bn_bwd_apply(grad, out, z, mean, invstd, a, b, c, relu, store_gres, mask=None):
+    """dz (and the residual's gradient gy when store_gres); ``mask`` = (gamma, beta, invstd) as in
+    ``bn_bwd_reduce``: the ReLU mask from z, ``out`` not read."""
     dz = torch.empty_like(grad)
     gres = torch.empty_like(grad) if store_gres else None
     K = grad.shape[1]
     M = grad.numel() // K if K else 0
+    if mask is not None and mask[2] is not invstd:
+        raise ValueError("bn_bwd_apply: the mask's invstd must be the statistics' invstd")
     if M:
         use_z = b is not None
+        gamma, beta, _ = mask if mask is not None else (None, None, None)
         bm, bk = _elem_blocks(K)
         _bn_bwd_apply_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
-            grad, out, z if use_z else grad, mean, invstd, a, b if use_z else a, c if use_z else a,
+            grad, out, z if use_z or mask is not None else grad, mean, invstd, a, b if use_z else a,
+            c if use_z else a, gamma if gamma is not None else a, beta if beta is not None else a,
             dz, gres if store_gres else dz, M, K,
-            RELU=relu, STORE_GRES=store_gres, USE_Z=use_z, BLOCK_M=bm, BLOCK_K=bk)
+            RELU=relu, STORE_GRES=store_gres, USE_Z=use_z, MASK_Z=mask is not None, HAS_GAMMA=gamma is not None,
+            HAS_BETA=beta is not None, BLOCK_M=bm, BLOCK_K=bk)
     return dz, gres
