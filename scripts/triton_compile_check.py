@@ -101,10 +101,11 @@ def main():
                      tag=f"bn_apply {dt} BLOCK_K={bk} stats={stats}")
         sig = dict(grad_ptr="*" + dt, out_ptr="*" + dt, z_ptr="*" + dt, mean_ptr="*" + acc, gamma_ptr="*" + acc,
                    beta_ptr="*" + acc, invstd_ptr="*" + acc, psum_ptr="*" + acc, psumz_ptr="*" + acc, M="i64",
-                   K="i32", ROWS="i32")
+                   K="i32")
         for mask_z in (False, True):
             comp(tk._bn_bwd_reduce_kernel, sig, dict(RELU=True, MASK_Z=mask_z, HAS_GAMMA=True, HAS_BETA=True,
-                                                     BLOCK_M=32, BLOCK_K=64), tag=f"bwd_reduce {dt} mask_z={mask_z}")
+                                                     STEPS=8, BLOCK_M=32, BLOCK_K=64),
+                 tag=f"bwd_reduce {dt} mask_z={mask_z}")
         sig = dict(grad_ptr="*" + dt, out_ptr="*" + dt, z_ptr="*" + dt, mean_ptr="*" + acc, invstd_ptr="*" + acc,
                    a_ptr="*" + acc, b_ptr="*" + acc, c_ptr="*" + acc, gamma_ptr="*" + acc, beta_ptr="*" + acc,
                    dz_ptr="*" + dt, gres_ptr="*" + dt, M="i64", K="i32")
@@ -126,7 +127,8 @@ def main():
         sig = dict(psum_ptr="*" + acc, psumz_ptr="*" + acc, gamma_ptr="*" + acc, invstd_ptr="*" + acc,
                    dgamma_ptr="*" + acc, dbeta_ptr="*" + acc, a_ptr="*" + acc, b_ptr="*" + acc, c_ptr="*" + acc,
                    G="i32", K="i32", ninv_hi="fp32", ninv_lo="fp32")
-        comp(tk._bn_bwd_coef_kernel, sig, dict(HAS_GAMMA=True, BLOCK_G=128, BLOCK_K=16), tag=f"bwd_coef acc={acc}")
+        comp(tk._bn_bwd_coef_kernel, sig, dict(HAS_GAMMA=True, BLOCK_G=128, BLOCK_K=16, G_STEPS=8),
+             tag=f"bwd_coef acc={acc}")
     for acc in ["fp32", "fp64"]:
         sig = dict(pmean_ptr="*" + acc, pm2_ptr="*" + acc, qmean_ptr="*" + acc, qm2_ptr="*" + acc, G="i32", K="i32",
                    M="i64", ROWS="i32")

@@ -878,8 +878,9 @@ def _bn_bwd_reduce_kernel(
     mean_ptr,  # [K]
     gamma_ptr, beta_ptr, invstd_ptr,  # [K] (MASK_Z: the forward apply's scale / shift, recomputed)
     psum_ptr, psumz_ptr,  # [G, K] partial sums of gy and gy * (z - mean)
-    M, K, ROWS,  # ROWS: rows per partial, a multiple of BLOCK_M
+    M, K,
     RELU: tl.constexpr, MASK_Z: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+    STEPS: tl.constexpr,  # rows per partial: STEPS * BLOCK_M (a loop bound: a constexpr for the interpreter)
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_g = tl.program_id(0)
@@ -891,9 +892,9 @@ def _bn_bwd_reduce_kernel(
         sc, sh = _bn_affine(gamma_ptr, beta_ptr, mean, invstd, offs_k, k_mask, HAS_GAMMA, HAS_BETA)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=mean.dtype)
     accz = tl.zeros((BLOCK_M, BLOCK_K), dtype=mean.dtype)
-    row0 = pid_g.to(tl.int64) * ROWS
-    for r0 in range(0, ROWS, BLOCK_M):
-        rows = row0 + r0 + tl.arange(0, BLOCK_M)
+    row0 = pid_g.to(tl.int64) * (STEPS * BLOCK_M)
+    for step in range(0, STEPS):
+        rows = row0 + step * BLOCK_M + tl.arange(0, BLOCK_M)
         msk = (rows < M)[:, None] & k_mask[None, :]
         idx = rows[:, None] * K + offs_k[None, :]
         gy = tl.load(grad_ptr + idx, mask=msk, other=0.0).to(mean.dtype)
@@ -915,21 +916,22 @@ _MAX_PARTIALS = 1024  # of the backward's sums: at least 256 rows each, at most 
 
 
 def _bwd_partials(grad, out, z, mean, relu, mask):
-    """[G, K] partial sums of gy and gy * (z - mean): G <= _MAX_PARTIALS blocks of rows."""
+    """[G, K] partial sums of gy and gy * (z - mean): G <= _MAX_PARTIALS blocks of rows (a power of
+    two times 256 rows each: few compiled variants)."""
     K = z.shape[1]
     M = z.numel() // K
     bm = 32
-    rows = bm if interpreting() else max(256, triton.cdiv(triton.cdiv(M, _MAX_PARTIALS), bm) * bm)
-    G = triton.cdiv(M, rows)
+    steps = 2 if interpreting() else max(8, triton.next_power_of_2(triton.cdiv(M, _MAX_PARTIALS * bm)))
+    G = triton.cdiv(M, steps * bm)
     psum = torch.empty((G, K), device=z.device, dtype=mean.dtype)  # every partial is written
     psumz = torch.empty_like(psum)
     gamma, beta, invstd = mask if mask is not None else (None, None, None)
     bk = 16 if interpreting() else 64
     _bn_bwd_reduce_kernel[(G, triton.cdiv(K, bk))](
         grad, out, z, mean, gamma if gamma is not None else mean, beta if beta is not None else mean,
-        invstd if invstd is not None else mean, psum, psumz, M, K, rows,
+        invstd if invstd is not None else mean, psum, psumz, M, K,
         RELU=relu, MASK_Z=mask is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
-        BLOCK_M=bm, BLOCK_K=bk)
+        STEPS=steps, BLOCK_M=bm, BLOCK_K=bk)
     return psum, psumz
 
 
@@ -954,6 +956,7 @@ def _bn_bwd_coef_kernel(
     G, K,
     ninv_hi, ninv_lo,  # -1 / M as an fp32 (hi + lo) pair
     HAS_GAMMA: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+    G_STEPS: tl.constexpr,  # >= cdiv(G, BLOCK_G), a power of two (few compiled variants; masked)
 ):
     # The training backward's per-channel terms in one program per BLOCK_K channels, in the
     # order of the Python arithmetic they replace: dbeta = sum(gy), dgamma = sum(gy (z - mean)) invstd,
@@ -964,8 +967,8 @@ def _bn_bwd_coef_kernel(
     s = tl.zeros((BLOCK_G, BLOCK_K), dtype=invstd.dtype)
     sz = tl.zeros((BLOCK_G, BLOCK_K), dtype=invstd.dtype)
     offs_g = tl.arange(0, BLOCK_G)
-    for g0 in range(0, G, BLOCK_G):  # a fixed order: deterministic
-        gg = g0 + offs_g
+    for gi in range(0, G_STEPS):  # a fixed order: deterministic
+        gg = gi * BLOCK_G + offs_g
         msk = (gg < G)[:, None] & k_mask[None, :]
         idx = gg[:, None].to(tl.int64) * K + offs_k[None, :]
         s += tl.load(psum_ptr + idx, mask=msk, other=0.0)
@@ -997,10 +1000,11 @@ def bn_bwd_reduce_coef(grad, out, z, mean, invstd, gamma, relu, mask=None):
         psum, psumz = _bwd_partials(grad, out, z, mean, relu, mask)
     else:
         psum = psumz = torch.zeros((1, K), device=z.device, dtype=mean.dtype)
-    bk = 16
+    bk, bg = 16, 32 if interpreting() else 128
+    G = psum.shape[0]
     _bn_bwd_coef_kernel[(triton.cdiv(K, bk),)](
-        psum, psumz, gamma if gamma is not None else invstd, invstd, *outs, psum.shape[0], K,
-        *_split(-1.0 / max(M, 1)), HAS_GAMMA=gamma is not None, BLOCK_G=32 if interpreting() else 128, BLOCK_K=bk)
+        psum, psumz, gamma if gamma is not None else invstd, invstd, *outs, G, K, *_split(-1.0 / max(M, 1)),
+        HAS_GAMMA=gamma is not None, BLOCK_G=bg, BLOCK_K=bk, G_STEPS=triton.next_power_of_2(triton.cdiv(G, bg)))
     return tuple(outs)
 
 
