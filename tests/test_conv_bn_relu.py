@@ -284,10 +284,13 @@ def test_opcheck(case):
 
 
 @pytest.mark.parametrize("case", FUSED_BACKEND_DEVICE)
-def test_torch_compile_fullgraph_training(case):
+@pytest.mark.parametrize("with_res", [True, False], ids=["residual", "no-residual"])
+def test_torch_compile_fullgraph_training(case, with_res):
+    # (without a residual the Triton backward takes the ReLU mask from z: the backward custom op's
+    # bn_bias and mask_from_z arguments)
     backend, device = case
     torch._dynamo.reset()
-    x, w, bn, res, conv = make("3x3s1", device)
+    x, w, bn, res, conv = make("3x3s1", device, residual=with_res)
     w.requires_grad_()
     rm1, rv1 = bn["running_mean"].clone(), bn["running_var"].clone()
     rm2, rv2 = bn["running_mean"].clone(), bn["running_var"].clone()
@@ -296,8 +299,12 @@ def test_torch_compile_fullgraph_training(case):
         return conv_bn_relu(x, w, bn["bn_weight"], bn["bn_bias"], rm, rv, residual=res, training=True, **conv)
 
     with resnet_fused.use_backend(backend):
-        out = torch.compile(f, fullgraph=True)(x, w, rm1, rv1)
-        (gw,) = torch.autograd.grad(out.sum(), w)
+        with resnet_fused.dispatch_trace() as trace:
+            out = torch.compile(f, fullgraph=True)(x, w, rm1, rv1)
+            (gw,) = torch.autograd.grad(out.sum(), w)
+        if backend == "triton":
+            want = "mask from out" if with_res else "mask from z"
+            assert ("conv_bn_relu_backward/triton", want) in trace, trace
         exp = f(x, w, rm2, rv2)
         (ew,) = torch.autograd.grad(exp.sum(), w)
     assert_close(out, exp, 1e-5, 1e-5)
