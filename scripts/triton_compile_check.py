@@ -126,7 +126,7 @@ def main():
     for acc in ["fp32", "fp64"]:
         sig = dict(psum_ptr="*" + acc, psumz_ptr="*" + acc, gamma_ptr="*" + acc, invstd_ptr="*" + acc,
                    dgamma_ptr="*" + acc, dbeta_ptr="*" + acc, a_ptr="*" + acc, b_ptr="*" + acc, c_ptr="*" + acc,
-                   G="i32", K="i32", ninv_hi="fp32", ninv_lo="fp32")
+                   G="i32", K="i32", M="i32", ninv_hi="fp32", ninv_lo="fp32")
         comp(tk._bn_bwd_coef_kernel, sig, dict(HAS_GAMMA=True, BLOCK_G=128, BLOCK_K=16, G_STEPS=8),
              tag=f"bwd_coef acc={acc}")
     for acc in ["fp32", "fp64"]:

@@ -270,6 +270,50 @@ def test_gradcheck_without_relu_and_residual(case):
 
 
 @pytest.mark.parametrize("case", BACKEND_DEVICE)
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+@pytest.mark.parametrize("with_res", [False, True], ids=["no-residual", "residual"])
+def test_batchnorm_vectors_as_views(case, layout, with_res):
+    """bn_weight / bn_bias (and running statistics) given as strided ([::2]) or expanded (stride 0)
+    views give the results of contiguous copies (the kernels index [K] vectors as ptr + k: a view is
+    made dense first): output, running statistics and every gradient; float64 on the CPU. (Expanded
+    running statistics cannot be updated in place: none then.)"""
+    check_batchnorm_vectors_as_views(*case, layout, with_res)
+
+
+def check_batchnorm_vectors_as_views(backend, device, layout, with_res, expect_trace=None):
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    x, w, bn, res, conv = make((8, 6, 5, 5, 1, 1, 0, 1, 1), device, dtype, residual=with_res)
+    K = w.shape[0]
+    g = torch.randn(x.shape[0], K, *x.shape[2:], dtype=dtype, device=device)
+
+    def step(as_view):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, res if with_res else x)]
+        # gamma / beta: leaves [2K] (strided: every other entry) or [1] (expanded to K)
+        bases = [(torch.stack([bn[k], torch.full_like(bn[k], 7.0)], 1).reshape(-1) if layout == "strided" else
+                  bn[k][:1].clone()).requires_grad_() for k in ("bn_weight", "bn_bias")]
+        vec = (lambda t: t[::2]) if layout == "strided" else (lambda t: t.expand(K))  # noqa: E731
+        gamma, beta = (vec(b) if as_view else vec(b).contiguous() for b in bases)
+        assert gamma.is_contiguous() != as_view
+        if layout == "strided":
+            stats = [torch.stack([bn[k], torch.full_like(bn[k], 3.0)], 1).reshape(-1) for k in
+                     ("running_mean", "running_var")]
+            rm, rv = (t[::2] if as_view else t[::2].contiguous() for t in stats)
+        else:
+            rm = rv = None
+        with resnet_fused.use_backend(backend), resnet_fused.dispatch_trace() as trace:
+            out = conv_bn_relu(leaves[0], leaves[1], gamma, beta, rm, rv, residual=leaves[2] if with_res else None,
+                               training=True, **conv)
+        assert expect_trace(trace, as_view) if expect_trace else trace[0] == ("conv_bn_relu", backend)
+        out.backward(g)
+        got = [out.detach()] + ([rm.contiguous(), rv.contiguous()] if rm is not None else [])
+        return got + [t.grad for t in leaves[:2 + with_res]] + [b.grad for b in bases]
+
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for i, (a, b) in enumerate(zip(step(True), step(False))):
+        assert_close(a, b, atol=tol, rtol=tol, msg=f"output {i}")
+
+
+@pytest.mark.parametrize("case", BACKEND_DEVICE)
 def test_opcheck(case):
     backend, device = case
     x, w, bn, res, conv = make((4, 8, 4, 4, 3, 1, 1, 1, 1), device)

@@ -28,7 +28,7 @@ from resnet_fused.ops.conv_bn_relu import cuda as cuda_impl
 from resnet_fused.ops.conv_bn_relu import reference as R
 
 from conftest import NO_CUDA, REQUIRE_EXT, assert_close, route_to_cuda_backend
-from test_conv_bn_relu import make
+from test_conv_bn_relu import check_batchnorm_vectors_as_views, make
 
 pytestmark = pytest.mark.skipif(not _ext.LOADED and not REQUIRE_EXT, reason=f"CUDA extension not loaded: {_ext.ERROR}")
 
@@ -717,3 +717,16 @@ def test_gpu_cpp_node_against_the_python_node(dtype, variant):
     for name, a, e in zip(["x", "weight", "bn_weight", "bn_bias", "residual"], g1, g2):
         assert (a.dtype, a.stride()) == (e.dtype, e.stride()), name
         assert_close(a, e, tol * e.abs().max().item(), tol, f"grad {name}")
+
+
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+@pytest.mark.parametrize("with_res", [False, True], ids=["no-residual", "residual"])
+def test_batchnorm_vectors_as_views_on_the_cuda_backend(cuda_backend_on_cpu, layout, with_res):
+    """As test_conv_bn_relu.py's: strided or expanded BatchNorm vectors give the results of contiguous
+    copies. Strided running statistics (which the C++ node would update in place through a pointer)
+    take the Python node over the C++ calls, the others the C++ node."""
+    def path(trace, as_view):
+        node = ("conv_bn_train/cuda", "c++ node") in trace
+        return node == (layout == "expanded" or not as_view) and (node or ("conv_bn_train/cuda", "c++") in trace)
+
+    check_batchnorm_vectors_as_views("cuda", "cpu", layout, with_res, expect_trace=path)

@@ -128,6 +128,10 @@ def _fwd_op(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Opt
 def _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation, groups,
              training, momentum, eps, relu, store_z, allow_tf32, backend, sync_group):
     _backends.note(OP, backend)
+    if training and running_mean is not None and not (running_mean.is_contiguous() and running_var.is_contiguous()):
+        # the kernels read [K] vectors as ptr + k: strided running statistics as dense copies (the new
+        # ones are outputs, copied into the buffers by the caller)
+        running_mean, running_var = running_mean.contiguous(), running_var.contiguous()
     if training and backend == "cuda" and not sync_group and _cuda_impl.CPP_TRAIN[0]:
         return _cuda_impl.train_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride,
                                         padding, dilation, groups, momentum, eps, relu)
@@ -483,7 +487,8 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias
                                 no_timing="synchronized BatchNorm" if training and process_group is not None else None)
     if (training and backend == "cuda" and process_group is None and _cuda_impl.CPP_TRAIN[0]
             and _cuda_impl.CPP_NODE[0] and direct_ok(x, weight, bn_weight, bn_bias, running_mean, running_var,
-                                                     residual)):
+                                                     residual)
+            and (running_mean is None or (running_mean.is_contiguous() and running_var.is_contiguous()))):
         # the eager fast path of the CUDA backend's training layer: one operator with a C++ autograd
         # node, running statistics updated in place (cuda.py, CPP_NODE; it sets the device itself)
         _backends.note(OP, backend)

@@ -719,6 +719,12 @@ def _bn_finalize_kernel(
                  mask=k_mask)
 
 
+def _dense(t):
+    """A [K] vector the kernels index as ptr + k: t itself when contiguous, else a contiguous copy (a
+    caller's parameter or running statistic may be a strided or expanded view)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 def _split(v: float) -> tuple[float, float]:
     """v as hi + lo, both exactly representable in fp32 (Triton passes float scalars as fp32)."""
     hi = float(torch.tensor(v, dtype=torch.float32))
@@ -769,6 +775,7 @@ def bn_finalize(pmean, pm2, rows, M, running_mean, running_var, momentum, eps):
     mean = torch.empty(K, device=pmean.device, dtype=pmean.dtype)
     invstd = torch.empty_like(mean)
     update = running_mean is not None
+    running_mean, running_var = _dense(running_mean), _dense(running_var)
     new_rm = torch.empty_like(running_mean) if update else None
     new_rv = torch.empty_like(running_var) if update else None
     block_k = 32
@@ -846,6 +853,7 @@ def _bn_apply_kernel(
 
 def _apply(z, scale, shift, mean, invstd, residual, relu, stats):
     out = torch.empty_like(z)
+    scale, shift = _dense(scale), _dense(shift)
     K = z.shape[1]
     M = z.numel() // K if K else 0
     if M:
@@ -866,7 +874,7 @@ def bn_apply(z, scale, shift, residual, relu):
 def bn_apply_stats(z, gamma, beta, mean, invstd, residual, relu):
     """The training apply: out = relu?(z * scale + shift + residual?) with scale = gamma * invstd and
     shift = beta - mean * scale computed in the kernel (gamma / beta may be None: 1 / 0), as the
-    backward kernels recompute them for the ReLU mask (``mask_affine``)."""
+    backward kernels recompute them for the ReLU mask (``_bn_affine``)."""
     return _apply(z, gamma, beta, mean, invstd, residual, relu, True)
 
 
@@ -925,7 +933,7 @@ def _bwd_partials(grad, out, z, mean, relu, mask):
     G = triton.cdiv(M, steps * bm)
     psum = torch.empty((G, K), device=z.device, dtype=mean.dtype)  # every partial is written
     psumz = torch.empty_like(psum)
-    gamma, beta, invstd = mask if mask is not None else (None, None, None)
+    gamma, beta, invstd = (_dense(t) for t in mask) if mask is not None else (None, None, None)
     bk = 16 if interpreting() else 64
     _bn_bwd_reduce_kernel[(G, triton.cdiv(K, bk))](
         grad, out, z, mean, gamma if gamma is not None else mean, beta if beta is not None else mean,
@@ -954,7 +962,8 @@ def _bn_bwd_coef_kernel(
     gamma_ptr, invstd_ptr,  # [K]
     dgamma_ptr, dbeta_ptr, a_ptr, b_ptr, c_ptr,  # [K] outputs, accumulator dtype
     G, K,
-    ninv_hi, ninv_lo,  # -1 / M as an fp32 (hi + lo) pair
+    M,  # rows: -1 / M in the kernel in fp64
+    ninv_hi, ninv_lo,  # -1 / M as an fp32 (hi + lo) pair: fp32 (Triton's fp32 division may be approximate)
     HAS_GAMMA: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
     G_STEPS: tl.constexpr,  # >= cdiv(G, BLOCK_G), a power of two (few compiled variants; masked)
 ):
@@ -979,7 +988,10 @@ def _bn_bwd_coef_kernel(
         a = tl.load(gamma_ptr + offs_k, mask=k_mask, other=0.0).to(invstd.dtype) * invstd
     else:
         a = invstd
-    coef = a * ((tl.zeros_like(invstd) + ninv_hi) + ninv_lo)
+    if invstd.dtype == tl.float64:  # (a compile-time branch) correctly rounded, as Python's -1.0 / M
+        coef = a * (-1.0 / (tl.zeros_like(invstd) + M))
+    else:
+        coef = a * ((tl.zeros_like(invstd) + ninv_hi) + ninv_lo)
     tl.store(dgamma_ptr + offs_k, dgamma, mask=k_mask)
     tl.store(dbeta_ptr + offs_k, dbeta, mask=k_mask)
     tl.store(a_ptr + offs_k, a, mask=k_mask)
@@ -1002,8 +1014,9 @@ def bn_bwd_reduce_coef(grad, out, z, mean, invstd, gamma, relu, mask=None):
         psum = psumz = torch.zeros((1, K), device=z.device, dtype=mean.dtype)
     bk, bg = 16, 32 if interpreting() else 128
     G = psum.shape[0]
+    gamma = _dense(gamma)
     _bn_bwd_coef_kernel[(triton.cdiv(K, bk),)](
-        psum, psumz, gamma if gamma is not None else invstd, invstd, *outs, G, K, *_split(-1.0 / max(M, 1)),
+        psum, psumz, gamma if gamma is not None else invstd, invstd, *outs, G, K, max(M, 1), *_split(-1.0 / max(M, 1)),
         HAS_GAMMA=gamma is not None, BLOCK_G=bg, BLOCK_K=bk, G_STEPS=triton.next_power_of_2(triton.cdiv(G, bg)))
     return tuple(outs)
 
@@ -1059,7 +1072,7 @@ def bn_bwd_apply(grad, out, z, mean, invstd, a, b, c, relu, store_gres, mask=Non
         raise ValueError("bn_bwd_apply: the mask's invstd must be the statistics' invstd")
     if M:
         use_z = b is not None
-        gamma, beta, _ = mask if mask is not None else (None, None, None)
+        gamma, beta, _ = (_dense(t) for t in mask) if mask is not None else (None, None, None)
         bm, bk = _elem_blocks(K)
         _bn_bwd_apply_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
             grad, out, z if use_z or mask is not None else grad, mean, invstd, a, b if use_z else a,
