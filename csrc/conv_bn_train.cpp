@@ -120,7 +120,31 @@ OptTensor as_acc(const OptTensor& t, at::ScalarType acc) {
   return t->to(acc).contiguous();
 }
 
+// x's gradient of a conv for which join_gemm_ok, plus the shortcut's gradient g: the GEMM
+// accumulates into g (beta = 1: one read of it, where autograd's accumulation reads the dgrad's
+// output and g and writes their sum). In place when g is a dense channels_last tensor that no one
+// else holds (the autograd engine's own test before it accumulates into a gradient in place: the
+// caller moves its only reference in); a copy first otherwise.
+Tensor dgrad_join(const Tensor& dz_in, const Tensor& x, const Tensor& w, Tensor g) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = w.size(0);
+  const std::array<int64_t, 4> want{H * W * C, 1, W * C, C};
+  const bool own = g.scalar_type() == x.scalar_type() && g.sizes() == x.sizes() && g.strides() == at::IntArrayRef(want) &&
+                   !g.is_view() && g.use_count() == 1 && g.has_storage() && g.storage().use_count() == 1;
+  if (!own) g = canonical_cl(at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast)).copy_(g));
+  const Tensor dz = canonical_cl(dz_in);
+  g.permute({0, 2, 3, 1}).reshape({N * H * W, C}).addmm_(dz.permute({0, 2, 3, 1}).reshape({N * H * W, K}),
+                                                         w.reshape({K, C}));
+  return g;
+}
+
 }  // namespace
+
+bool join_gemm_ok(const Tensor& x, const Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups) {
+  const auto dt = x.scalar_type();
+  return w.dim() == 4 && w.size(2) == 1 && w.size(3) == 1 && stride.size() == 2 && stride[0] == 1 && stride[1] == 1 &&
+         padding.size() == 2 && padding[0] == 0 && padding[1] == 0 && groups == 1 &&
+         (x.device().is_cpu() || dt == at::kHalf || dt == at::kBFloat16);
+}
 
 // Returns (out, z, mean, invstd, new_running_mean, new_running_var, scale, shift), as _forward in
 // training: z the raw conv output, (mean, invstd) the batch statistics, the new running
@@ -173,7 +197,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train_backward(
     const Tensor& grad_in, const Tensor& x, const Tensor& w, const OptTensor& bn_weight, const Tensor& z_in,
     const Tensor& out_in, const Tensor& mean, const Tensor& invstd, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, bool relu, std::array<bool, 5> mask, const OptTensor& mask_scale,
-    const OptTensor& mask_shift) {
+    const OptTensor& mask_shift, Tensor shortcut) {
   check_args(x, w, stride, padding, dilation);
   at::OptionalDeviceGuard guard(at::device_of(x));
   const auto [need_dx, need_dw, need_dg, need_db, need_dr] = mask;
@@ -193,10 +217,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train_backward(
       bwd_reduce_op().call(grad, out, z, mean, invstd, as_acc(bn_weight, acc), relu, mask_scale, mask_shift);
   auto [dz, gres] = bwd_apply_op().call(grad, out, z, mean, invstd, a, b, c, relu, need_dr, mask_scale, mask_shift);
   Tensor dx, dw;
-  if (need_dx || need_dw) {
+  // a fork's shortcut gradient: joined in the dgrad GEMM, or added to ATen's dgrad
+  const bool join = need_dx && shortcut.defined();
+  const bool gemm = join && join_gemm_ok(x, w, stride, padding, groups);
+  if (gemm) dx = dgrad_join(dz, x, w, std::move(shortcut));
+  if ((need_dx && !gemm) || need_dw) {
     auto r = at::convolution_backward(dz, x, w, std::nullopt, stride, padding, dilation, false, {0, 0}, groups,
-                                      {need_dx, need_dw, false});
-    dx = std::get<0>(r);
+                                      {need_dx && !gemm, need_dw, false});
+    if (need_dx && !gemm) dx = join ? std::get<0>(r).add_(shortcut) : std::get<0>(r);
     dw = std::get<1>(r);
   }
   auto e = [&] { return at::empty({0}, x.options()); };  // a fresh one each: outputs may not alias

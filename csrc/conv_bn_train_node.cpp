@@ -23,6 +23,7 @@
 #include <string>
 
 #include <ATen/core/grad_mode.h>
+#include <ATen/ops/alias.h>
 #include <ATen/ops/convolution.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -72,10 +73,22 @@ Tensor conv_bn_relu_train(const Tensor& x, const Tensor& w, const OptTensor& bn_
                                    dilation, groups, momentum, eps, relu));
 }
 
+// The fork's CPU / CUDA kernel (conv_bn_relu_train_fork without autograd): x's alias as the second output.
+std::tuple<Tensor, Tensor> conv_bn_relu_train_fork(const Tensor& x, const Tensor& w, const OptTensor& bn_weight,
+                                                   const OptTensor& bn_bias, const OptTensor& running_mean,
+                                                   const OptTensor& running_var, const OptTensor& residual,
+                                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                                   at::IntArrayRef dilation, int64_t groups, double momentum,
+                                                   double eps, bool relu, bool recompute) {
+  return {conv_bn_relu_train(x, w, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation,
+                             groups, momentum, eps, relu, recompute),
+          at::alias(x)};
+}
+
 // The forward's arguments, in order: x, weight, bn_weight, bn_bias, running_mean, running_var,
-// residual, then eight non-tensor ones. The backward returns one entry per argument; the
+// residual, then nine non-tensor ones. The backward returns one entry per argument; the
 // context's needs_input_grad counts only the tensors given (its edges).
-constexpr int kArgs = 15;
+constexpr int kArgs = 16;
 
 // Passes tensors through; differentiating them raises (what @once_differentiable's DelayedError does,
 // built as a Function so that the node is created as each torch version wants it).
@@ -87,12 +100,15 @@ struct RefuseDoubleBackward : public torch::autograd::Function<RefuseDoubleBackw
   }
 };
 
+// fork (conv_bn_relu_train_fork): x itself is a second output (autograd makes it a view of x), for a
+// residual block's shortcut; the gradient reaching it is added to x's in the backward, accumulated
+// by the dgrad GEMM where join_gemm_ok (conv_bn_train.cpp).
 struct ConvBnReluTrain : public torch::autograd::Function<ConvBnReluTrain> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const OptTensor& bn_weight,
-                        const OptTensor& bn_bias, const OptTensor& running_mean, const OptTensor& running_var,
-                        const OptTensor& residual, at::IntArrayRef stride, at::IntArrayRef padding,
-                        at::IntArrayRef dilation, int64_t groups, double momentum, double eps, bool relu,
-                        bool recompute) {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const OptTensor& bn_weight,
+                               const OptTensor& bn_bias, const OptTensor& running_mean, const OptTensor& running_var,
+                               const OptTensor& residual, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, int64_t groups, double momentum, double eps, bool relu,
+                               bool recompute, bool fork) {
     auto [out, z, mean, invstd, scale, shift] = layer_forward(
         x, w, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation, groups, momentum,
         eps, relu);
@@ -111,6 +127,7 @@ struct ConvBnReluTrain : public torch::autograd::Function<ConvBnReluTrain> {
     ctx->saved_data["dilation"] = dilation.vec();
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["relu"] = relu;
+    ctx->saved_data["fork"] = fork;
     // edge index of each differentiable argument (x, weight, bn_weight, bn_bias, residual); -1: not given
     int64_t e = 2;
     const auto edge = [&e](const OptTensor& t) -> int64_t { return defined(t) ? e++ : -1; };
@@ -121,16 +138,24 @@ struct ConvBnReluTrain : public torch::autograd::Function<ConvBnReluTrain> {
     if (defined(bn_bias)) ctx->saved_data["bias_dtype"] = bn_bias->scalar_type();
     // no zero-filled output gradient when the output is unused
     ctx->set_materialize_grads(false);
-    return out;
+    if (fork) return {out, x};
+    return {out};
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+  // grad_outputs by reference: the engine moves each gradient into the list it passes, so a fork's
+  // shortcut gradient moved out of it has no other owner unless someone kept it (dgrad_join checks)
+  static variable_list backward(AutogradContext* ctx, variable_list& grad_outputs) {
     variable_list grads(kArgs);
     const Tensor& gout = grad_outputs[0];
-    if (!gout.defined()) return grads;
+    Tensor shortcut;
+    if (ctx->saved_data["fork"].toBool() && grad_outputs.size() > 1) shortcut = std::move(grad_outputs[1]);
     const auto edges = ctx->saved_data["edges"].toIntVector();
     std::array<bool, 5> mask{};
     for (size_t i = 0; i < 5; ++i) mask[i] = edges[i] >= 0 && ctx->needs_input_grad(edges[i]);
+    if (!gout.defined()) {  // nothing flows back but the shortcut's gradient
+      if (shortcut.defined() && mask[0]) grads[0] = shortcut;
+      return grads;
+    }
     if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4])) return grads;
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &w = saved[1];
@@ -155,7 +180,7 @@ struct ConvBnReluTrain : public torch::autograd::Function<ConvBnReluTrain> {
       const OptTensor msc = saved[7].defined() ? OptTensor(saved[7]) : std::nullopt;
       const OptTensor msh = saved[8].defined() ? OptTensor(saved[8]) : std::nullopt;
       r = conv_bn_train_backward(gout, x, w, bn_weight, z, out, saved[5], saved[6], stride, padding, dilation,
-                                 groups, relu, mask, msc, msh);
+                                 groups, relu, mask, msc, msh, mask[0] ? std::move(shortcut) : Tensor());
     }
     auto& [dx, dw, dg, db, dr] = r;
     if (mask[3] && ctx->saved_data.count("bias_dtype")) db = db.to(ctx->saved_data["bias_dtype"].toScalarType());
@@ -186,7 +211,17 @@ Tensor conv_bn_relu_train_autograd(const Tensor& x, const Tensor& w, const OptTe
                                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double momentum,
                                    double eps, bool relu, bool recompute) {
   return ConvBnReluTrain::apply(x, w, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
-                                dilation, groups, momentum, eps, relu, recompute);
+                                dilation, groups, momentum, eps, relu, recompute, false)[0];
+}
+
+std::tuple<Tensor, Tensor> conv_bn_relu_train_fork_autograd(
+    const Tensor& x, const Tensor& w, const OptTensor& bn_weight, const OptTensor& bn_bias,
+    const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& residual, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double momentum, double eps, bool relu,
+    bool recompute) {
+  auto r = ConvBnReluTrain::apply(x, w, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
+                                  dilation, groups, momentum, eps, relu, recompute, true);
+  return {r[0], r[1]};
 }
 
 }  // namespace
@@ -195,10 +230,23 @@ TORCH_LIBRARY_FRAGMENT(resnet_fused_C, m) {
   m.def("conv_bn_relu_train(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, Tensor(a!)? running_mean, "
         "Tensor(b!)? running_var, Tensor? residual, int[] stride, int[] padding, int[] dilation, int groups, "
         "float momentum, float eps, bool relu, bool recompute) -> Tensor");
+  // the same layer, with x (a view of it) as a second output for a residual block's shortcut
+  m.def("conv_bn_relu_train_fork(Tensor(a) x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, "
+        "Tensor(b!)? running_mean, Tensor(c!)? running_var, Tensor? residual, int[] stride, int[] padding, "
+        "int[] dilation, int groups, float momentum, float eps, bool relu, bool recompute) -> (Tensor, Tensor(a))");
 }
 
-TORCH_LIBRARY_IMPL(resnet_fused_C, CUDA, m) { m.impl("conv_bn_relu_train", &conv_bn_relu_train); }
-TORCH_LIBRARY_IMPL(resnet_fused_C, CPU, m) { m.impl("conv_bn_relu_train", &conv_bn_relu_train); }
-TORCH_LIBRARY_IMPL(resnet_fused_C, Autograd, m) { m.impl("conv_bn_relu_train", &conv_bn_relu_train_autograd); }
+TORCH_LIBRARY_IMPL(resnet_fused_C, CUDA, m) {
+  m.impl("conv_bn_relu_train", &conv_bn_relu_train);
+  m.impl("conv_bn_relu_train_fork", &conv_bn_relu_train_fork);
+}
+TORCH_LIBRARY_IMPL(resnet_fused_C, CPU, m) {
+  m.impl("conv_bn_relu_train", &conv_bn_relu_train);
+  m.impl("conv_bn_relu_train_fork", &conv_bn_relu_train_fork);
+}
+TORCH_LIBRARY_IMPL(resnet_fused_C, Autograd, m) {
+  m.impl("conv_bn_relu_train", &conv_bn_relu_train_autograd);
+  m.impl("conv_bn_relu_train_fork", &conv_bn_relu_train_fork_autograd);
+}
 
 }  // namespace resnet_fused

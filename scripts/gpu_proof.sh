@@ -119,6 +119,11 @@ if [ "$STAGE" = host ]; then  # docs/perf.md lead 9
   run prof_fused-cuda_train_python 45 python3 scripts/profile_step.py --impl fused-cuda --mode train --top 25 \
     --cuda-train-path python
   head -1 "$P/prof_fused-cuda_train_python.log"
+  # lead 15: without the shortcut's gradient joined in the Bottleneck's first dgrad (autograd's add_
+  # and cuDNN's dgrad instead of one accumulating GEMM)
+  RESNET_FUSED_SHORTCUT_JOIN=0 run prof_fused-cuda_train_nojoin 45 python3 scripts/profile_step.py --impl fused-cuda \
+    --mode train --top 25
+  head -1 "$P/prof_fused-cuda_train_nojoin.log"
 fi
 
 if [ "$STAGE" = suite ] || [ "$STAGE" = infer ]; then

@@ -31,7 +31,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .. import _select
 from ..ops._common import autocast_dtype
-from ..ops.conv_bn_relu import conv_bn_relu
+from ..ops.conv_bn_relu import conv_bn_relu, conv_bn_relu_fork
 from ..ops.conv_bn_relu.inference import conv_affine_act, fold_bn, owned_bias
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "SyncBatchNorm2d", "fuse", "convert_sync_batchnorm",
@@ -255,22 +255,33 @@ def _name_layer(conv):
 
 def conv_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor, residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
     """``relu?(bn(conv(x)) + residual?)`` through the fused operators (the pair must be fusable)."""
+    return _conv_bn(conv, bn, x, residual, relu, False)
+
+
+def conv_bn_fork(conv: nn.Conv2d, bn: nn.Module, x: Tensor, relu: bool = True) -> tuple[Tensor, Tensor]:
+    """``(relu?(bn(conv(x))), s)``, ``s`` the block's input for its shortcut: through
+    ``conv_bn_relu_fork`` where a gradient flows, so that the shortcut's gradient is added to x's
+    inside this layer's backward (in its dgrad GEMM for a 1x1 conv: a Bottleneck's first)."""
+    return _conv_bn(conv, bn, x, None, relu, True)
+
+
+def _conv_bn(conv, bn, x, residual, relu, fork):
     _name_layer(conv)
     dt = _fold_dtype(conv, bn, x, residual)
     if dt is not None:
         w, bias = _folded(conv, bn, dt)
-        if x.dtype != dt:
-            x = x.to(dt)
         if residual is not None and residual.dtype != dt:
             residual = residual.to(dt)
-        return conv_affine_act(x, w, None, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups,
-                               relu)
+        out = conv_affine_act(x if x.dtype == dt else x.to(dt), w, None, bias, residual, conv.stride, conv.padding,
+                              conv.dilation, conv.groups, relu)
+        return (out, x) if fork else out
     use_batch, momentum, rm, rv = _bn_state(bn)
     g, b = _bn_weight(bn)
     group = _group_of(bn) if use_batch and type(bn) in (nn.SyncBatchNorm, SyncBatchNorm2d) else None
-    return conv_bn_relu(x, conv.weight, g, b, rm, rv, stride=conv.stride, padding=conv.padding,
-                        dilation=conv.dilation, groups=conv.groups, training=use_batch, momentum=momentum,
-                        eps=bn.eps, residual=residual, relu=relu, process_group=group, recompute=_recomputes(conv))
+    return (conv_bn_relu_fork if fork else conv_bn_relu)(
+        x, conv.weight, g, b, rm, rv, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+        groups=conv.groups, training=use_batch, momentum=momentum, eps=bn.eps, residual=residual, relu=relu,
+        process_group=group, recompute=_recomputes(conv))
 
 
 def _fusable_downsample(ds: Optional[nn.Module]) -> bool:
@@ -347,9 +358,11 @@ class Bottleneck(tvr.Bottleneck):
         if not (_fusable(self.conv1, self.bn1) and _fusable(self.conv2, self.bn2)
                 and _fusable(self.conv3, self.bn3)) or _global_hooks():
             return super().forward(x)
-        out = conv_bn(self.conv1, self.bn1, x, relu=True)
+        # the shortcut reads the block's input through conv1's fork: its gradient joins x's in conv1's
+        # backward (the 1x1 dgrad GEMM accumulates it) instead of in an autograd sum
+        out, shortcut = conv_bn_fork(self.conv1, self.bn1, x, relu=True)
         out = conv_bn(self.conv2, self.bn2, out, relu=True)
-        return _like_input(_block_tail(self.conv3, self.bn3, out, self.downsample, x), x)
+        return _like_input(_block_tail(self.conv3, self.bn3, out, self.downsample, shortcut), x)
 
 
 _BLOCKS = {tvr.BasicBlock: BasicBlock, tvr.Bottleneck: Bottleneck}

@@ -12,7 +12,8 @@ Forward, per backend (see triton_kernels.py, cuda.py, reference.py):
 Backward: one reduction pass (sum gy, sum gy*(z-mean), with the ReLU mask applied on the
 fly), one elementwise pass (BatchNorm input gradient and the residual gradient), then the
 conv data / weight gradients through ATen's convolution_backward (cuDNN on CUDA) on every
-backend. What is saved: x, weight, the raw conv output z, the output (ReLU mask) and two
+backend; through conv_bn_relu_fork, a 1x1 conv's data gradient is a GEMM accumulating into the
+shortcut's gradient instead. What is saved: x, weight, the raw conv output z, the output (ReLU mask) and two
 [K] vectors.
 
 Precision: fp32 inputs use TF32 products exactly when PyTorch's convolutions do
@@ -21,6 +22,7 @@ Precision: fp32 inputs use TF32 products exactly when PyTorch's convolutions do
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -44,7 +46,7 @@ _IMPLS = {"reference": _ref_impl, "triton": _triton_impl, "cuda": _cuda_impl}
 # auto on CUDA chooses per call signature between these (the fixed rule: the first)
 _backends.declare_candidates(OP, ("triton", "cuda"))
 
-__all__ = ["conv_bn_relu", "conv_bn_relu_reference"]
+__all__ = ["conv_bn_relu", "conv_bn_relu_fork", "conv_bn_relu_reference"]
 
 
 def _pair(v, name):
@@ -205,11 +207,17 @@ def _bwd_op(grad: Tensor, x: Tensor, weight: Tensor, bn_weight: Optional[Tensor]
 
 
 def _backward_impl(grad, x, weight, bn_weight, z, out, mean, invstd, stride, padding, dilation, groups, training,
-                   relu, output_mask, backend, sync_group, bn_bias=None, mask_from_z=False):
+                   relu, output_mask, backend, sync_group, bn_bias=None, mask_from_z=False, shortcut=None):
+    """``shortcut`` (the eager fast path of a fork, see conv_bn_relu_fork): the gradient of the
+    input's alias, added to x's gradient (in the dgrad GEMM where _join_gemm_ok)."""
     _backends.note(OP + "_backward", backend)
     if training and backend == "cuda" and not sync_group and _cuda_impl.CPP_TRAIN[0]:
-        return _cuda_impl.train_backward(grad, x, weight, bn_weight, z, out, mean, invstd, stride, padding, dilation,
-                                         groups, relu, output_mask)
+        res = _cuda_impl.train_backward(grad, x, weight, bn_weight, z, out, mean, invstd, stride, padding, dilation,
+                                        groups, relu, output_mask)
+        if shortcut is not None and output_mask[0]:  # (the C++ node joins in its GEMM; this path adds)
+            _backends.note(OP + "_backward/shortcut", "dgrad + add")
+            res[0].add_(shortcut)
+        return res
     B = _IMPLS[backend]
     need_dx, need_dw, need_dg, need_db, need_dr = output_mask
     K = weight.shape[0]
@@ -234,7 +242,7 @@ def _backward_impl(grad, x, weight, bn_weight, z, out, mean, invstd, stride, pad
         dgamma, dbeta, a, b, c = B.bn_bwd_reduce_coef(grad, out, z, mean, invstd, bn_weight, relu, mask)
         dz, gres = B.bn_bwd_apply(grad, out, z, mean, invstd, a, b, c, relu, need_dr, mask)
         return _conv_grads(dz, gres, x, weight, bn_weight, dgamma, dbeta, grad, stride, padding, dilation, groups,
-                           output_mask)
+                           output_mask, shortcut)
     kw = {"mask": mask} if mask is not None else {}  # (synchronized BatchNorm on Triton)
     gamma = bn_weight.to(acc) if bn_weight is not None else torch.ones(K, device=x.device, dtype=acc)
     a = gamma * invstd
@@ -256,15 +264,63 @@ def _backward_impl(grad, x, weight, bn_weight, z, out, mean, invstd, stride, pad
                 b, c = coef * dgamma, coef * dbeta
     dz, gres = B.bn_bwd_apply(grad, out, z, mean, invstd, a, b, c, relu, need_dr, **kw)
     return _conv_grads(dz, gres, x, weight, bn_weight, dgamma, dbeta, grad, stride, padding, dilation, groups,
-                       output_mask)
+                       output_mask, shortcut)
 
 
-def _conv_grads(dz, gres, x, weight, bn_weight, dgamma, dbeta, grad, stride, padding, dilation, groups, output_mask):
+# conv_bn_relu_fork's join (off: RESNET_FUSED_SHORTCUT_JOIN=0, the fork's alias is x and autograd
+# sums; scripts/gpu_proof.sh profiles a training step both ways)
+SHORTCUT_JOIN = [os.environ.get("RESNET_FUSED_SHORTCUT_JOIN", "1") != "0"]
+
+
+def _join_gemm_ok(x, weight, stride, padding, groups) -> bool:
+    """Whether x's gradient of this conv is one GEMM, dz [M, K] @ W [K, C], that can accumulate the
+    shortcut's gradient (a 1x1, stride-1, unpadded, ungrouped conv: a Bottleneck's first), in a
+    dtype whose GEMM has the conv's precision: 16-bit on CUDA (fp32 accumulation either way; an fp32
+    GEMM would not follow cuDNN's TF32 setting), any on the CPU."""
+    return (weight.shape[2] == 1 and weight.shape[3] == 1 and tuple(stride) == (1, 1)
+            and tuple(padding) == (0, 0) and groups == 1
+            and (x.device.type == "cpu" or x.dtype in (torch.float16, torch.bfloat16)))
+
+
+def _sole_storage(t) -> bool:
+    # no other tensor (a view) shares t's memory: the Python object and its storage's wrapper
+    # (what the autograd engine checks before accumulating into a gradient in place, less the
+    # TensorImpl's own count, which Python does not see)
+    return t._base is None and torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2
+
+
+def _dgrad_join(dz, x, weight, shortcut):
+    """x's gradient of a conv for which _join_gemm_ok, plus ``shortcut``: the GEMM accumulates into
+    the shortcut's gradient in place (cuBLAS's beta = 1 on CUDA: one read of it, where autograd's
+    accumulation reads the dgrad's output and the shortcut's gradient and writes their sum). The
+    shortcut's gradient reaches only this node (the fork's alias feeds the block's shortcut alone);
+    it is copied first where it is not a dense channels_last tensor of its own."""
+    N, C, H, W = x.shape
+    K = weight.shape[0]
+    g = shortcut
+    if not (g.dtype == x.dtype and g.stride() == (H * W * C, 1, W * C, C) and _sole_storage(g)):
+        g = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=CL).copy_(shortcut)
+    dz = _in_layout(dz, dz.shape, CL)
+    g.permute(0, 2, 3, 1).reshape(N * H * W, C).addmm_(dz.permute(0, 2, 3, 1).reshape(N * H * W, K),
+                                                       weight.reshape(K, C))
+    return g
+
+
+def _conv_grads(dz, gres, x, weight, bn_weight, dgamma, dbeta, grad, stride, padding, dilation, groups, output_mask,
+                shortcut=None):
     need_dx, need_dw, need_dg, need_db, need_dr = output_mask
     dx = dw = None
-    if need_dx or need_dw:
-        dx, dw, _ = torch.ops.aten.convolution_backward(dz, x, weight, None, stride, padding, dilation, False, [0, 0],
-                                                        groups, [need_dx, need_dw, False])
+    join = shortcut is not None and need_dx
+    gemm = join and _join_gemm_ok(x, weight, stride, padding, groups)
+    if join:
+        _backends.note(OP + "_backward/shortcut", "dgrad gemm" if gemm else "dgrad + add")
+    if gemm:
+        dx = _dgrad_join(dz, x, weight, shortcut)
+    if (need_dx and not gemm) or need_dw:
+        dx_, dw, _ = torch.ops.aten.convolution_backward(dz, x, weight, None, stride, padding, dilation, False,
+                                                         [0, 0], groups, [need_dx and not gemm, need_dw, False])
+        if need_dx and not gemm:
+            dx = dx_.add_(shortcut) if join else dx_
     e = lambda: x.new_empty(0)  # noqa: E731  (a fresh one each: outputs may not alias)
     return (
         _in_layout(dx, x.shape, like=x) if need_dx else e(),
@@ -306,7 +362,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(z, mean, invstd, new_rm, new_rv)
 
 
-def _grads(ctx, gout, bwd):
+def _grads(ctx, gout, bwd, shortcut=None):
     x, weight, bn_weight, z, out, mean, invstd, bn_bias = ctx.saved_tensors
     stride, padding, dilation, groups, training, relu, backend, sync_group, recompute, mask_z = ctx.conf
     nig = ctx.needs_input_grad
@@ -318,11 +374,17 @@ def _grads(ctx, gout, bwd):
     mask = [bool(nig[0]), bool(nig[1]), bool(nig[2]), bool(nig[3]), bool(nig[6])]
     grads = [None] * 20
     if any(mask):
+        kw = {}
+        if shortcut is not None and mask[0]:
+            if bwd is _bwd_direct:  # joined in the dgrad (_conv_grads)
+                kw, shortcut = {"shortcut": shortcut}, None
         res = bwd(gout, x, weight, bn_weight, z, out, mean, invstd, stride, padding, dilation, groups, training, relu,
-                  mask, backend, sync_group, bn_bias, mask_z)
+                  mask, backend, sync_group, bn_bias, mask_z, **kw)
         for slot, need, g in zip((0, 1, 2, 3, 6), mask, res):
             if need:
                 grads[slot] = g.to(ctx.bias_dtype) if slot == 3 and ctx.bias_dtype is not None else g
+    if shortcut is not None and nig[0]:  # (the backward custom op: autograd's sum, spelled out)
+        grads[0] = shortcut if grads[0] is None else grads[0] + shortcut
     return tuple(grads)
 
 
@@ -333,44 +395,57 @@ def _backward(ctx, gout, *_unused):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _bwd_direct(grad, x, *rest):
+def _bwd_direct(grad, x, *rest, **kw):
     with device_guard(x):
-        return _backward_impl(grad, x, *rest)
+        return _backward_impl(grad, x, *rest, **kw)
 
 
 class _DirectFn(torch.autograd.Function):
     """The eager fast path (see ``_common.direct_ok``): the same forward and backward as the
-    custom ops, without their dispatch machinery."""
+    custom ops, without their dispatch machinery. With ``fork`` (a 21st input, conv_bn_relu_fork)
+    x itself is a seventh output (autograd makes it a view of x) whose gradient the backward adds
+    to x's."""
 
     @staticmethod
     def forward(ctx, *inputs):
         with device_guard(inputs[0]):
             output = _forward(*inputs[:19])
-        _setup_context(ctx, inputs, output)
+        _setup_context(ctx, inputs[:20], output)
+        ctx.fork = len(inputs) > 20 and inputs[20]
         # the other outputs are non-differentiable: no zero-filled gradients for them (and
         # gout stays None when the output itself is unused)
         ctx.set_materialize_grads(False)
-        return output
+        return output + (inputs[0],) if ctx.fork else output
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gout, *_unused):
+    def backward(ctx, gout, *rest):
+        n_in = 21 if ctx.fork else 20
+        shortcut = rest[5] if ctx.fork else None
         saved = ctx.saved_tensors
         if gout is None:
-            if not (ctx.conf[4] and ctx.conf[7]):  # nothing flows back
-                return (None,) * 20
+            if not (ctx.conf[4] and ctx.conf[7]):  # nothing flows back (but the shortcut's gradient)
+                return (shortcut if ctx.needs_input_grad[0] else None,) + (None,) * (n_in - 1)
             # synchronized BatchNorm: every rank must join the backward's collective
             x = saved[0]
             gout = torch.empty(_fwd_shape(x, saved[1], *ctx.conf[:3]), dtype=x.dtype, device=x.device,
                                memory_format=CL).zero_()
         # the backward decides again: compiled autograd or a mode around backward() sees the op
-        return _grads(ctx, gout, _bwd_direct if direct_ok(gout, *saved) else torch.ops.resnet_fused.conv_bn_bwd)
+        grads = _grads(ctx, gout, _bwd_direct if direct_ok(gout, shortcut, *saved)
+                       else torch.ops.resnet_fused.conv_bn_bwd, shortcut)
+        return grads + (None,) if ctx.fork else grads
 
 
-def _run_fwd(*args):
-    """The forward operator: the custom op, or its fast path for plain eager calls."""
+def _run_fwd(*args, fork=False, direct=None):
+    """The forward operator: the custom op, or its fast path for plain eager calls (``fork``: that
+    path's seventh output, see _DirectFn; the caller has checked that it is taken; ``direct``: the
+    caller's direct_ok of the same tensors)."""
     x, weight, bn_weight, bn_bias, running_mean, running_var, residual = args[:7]
-    if direct_ok(x, weight, bn_weight, bn_bias, running_mean, running_var, residual):
+    if fork:
+        return _DirectFn.apply(*args, True)
+    if direct is None:
+        direct = direct_ok(x, weight, bn_weight, bn_bias, running_mean, running_var, residual)
+    if direct:
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (x, weight, bn_weight, bn_bias, residual)):
             return _DirectFn.apply(*args)
@@ -417,6 +492,34 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias
     backward, which computes it again from ``x`` and ``weight`` (one more convolution, ATen's):
     less memory for a little time, as activation checkpointing of the conv alone.
     """
+    return _layer(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, groups,
+                  training, momentum, eps, residual, relu, process_group, recompute, False)[0]
+
+
+def conv_bn_relu_fork(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                      running_mean: Optional[Tensor], running_var: Optional[Tensor], *, stride=1, padding=0,
+                      dilation=1, groups: int = 1, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+                      residual: Optional[Tensor] = None, relu: bool = True, process_group=None,
+                      recompute: bool = False) -> tuple[Tensor, Tensor]:
+    """``(conv_bn_relu(x, ...), s)`` where ``s`` holds x's values, for a residual block's shortcut
+    (the models' Bottleneck: its first conv and its identity or downsample both read the block's
+    input). Where it pays, ``s`` is an output of the layer's autograd node (a view of x) and the
+    node adds the gradient reaching ``s`` to x's inside its backward: for a 1x1 stride-1 conv in
+    16-bit on CUDA (any dtype on the CPU), the dgrad GEMM accumulates into the shortcut's gradient
+    in place, one pass over that gradient instead of autograd's three (read both, write the sum).
+    Otherwise (no gradient for x, another geometry or dtype, torch.compile or another path that is
+    not the eager fast path, ``torch.use_deterministic_algorithms(True)``, or
+    ``RESNET_FUSED_SHORTCUT_JOIN=0``) ``s`` is ``x`` itself and autograd sums the gradients as usual.
+
+    Contract of ``s``: feed it to the shortcut only, once; its gradient is accumulated into in
+    place (a hook on it that keeps the gradient would see the sum)."""
+    return _layer(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, groups,
+                  training, momentum, eps, residual, relu, process_group, recompute, True)
+
+
+def _layer(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, groups, training,
+           momentum, eps, residual, relu, process_group, recompute, fork):
+    """conv_bn_relu's checks and dispatch; returns (out, the fork's alias of x, or x)."""
     if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
         raise TypeError(f"{OP}: x and weight must be Tensors")
     if x.dim() != 4:
@@ -485,24 +588,38 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias
             return run
     backend = _backends.resolve(OP, x, key=key, runner=runner, weight=weight,
                                 no_timing="synchronized BatchNorm" if training and process_group is not None else None)
+    direct = direct_ok(x, weight, bn_weight, bn_bias, running_mean, running_var, residual)
+    # the fork's join (conv_bn_relu_fork): on the eager fast path, where x's gradient is one GEMM
+    # (not under torch.use_deterministic_algorithms: PyTorch refuses cuBLAS GEMMs there unless
+    # CUBLAS_WORKSPACE_CONFIG is set, where cuDNN's dgrad and autograd's sum are deterministic as they are)
+    fork = (fork and SHORTCUT_JOIN[0] and direct and torch.is_grad_enabled() and x.requires_grad
+            and _join_gemm_ok(x, weight, stride, padding, groups)
+            and not torch.are_deterministic_algorithms_enabled())
     if (training and backend == "cuda" and process_group is None and _cuda_impl.CPP_TRAIN[0]
-            and _cuda_impl.CPP_NODE[0] and direct_ok(x, weight, bn_weight, bn_bias, running_mean, running_var,
-                                                     residual)
+            and _cuda_impl.CPP_NODE[0] and direct
             and (running_mean is None or (running_mean.is_contiguous() and running_var.is_contiguous()))):
         # the eager fast path of the CUDA backend's training layer: one operator with a C++ autograd
         # node, running statistics updated in place (cuda.py, CPP_NODE; it sets the device itself)
         _backends.note(OP, backend)
-        return _cuda_impl.train_layer(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride,
-                                      padding, dilation, groups, float(momentum), float(eps), bool(relu),
-                                      bool(recompute))
+        if fork:
+            return _cuda_impl.train_layer_fork(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
+                                               stride, padding, dilation, groups, float(momentum), float(eps),
+                                               bool(relu), bool(recompute))
+        return (_cuda_impl.train_layer(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride,
+                                       padding, dilation, groups, float(momentum), float(eps), bool(relu),
+                                       bool(recompute)), x)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias, residual))
-    out, _z, _mean, _invstd, new_rm, new_rv = _run_fwd(
+    outs = _run_fwd(
         x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation, groups,
         bool(training), float(momentum), float(eps), bool(relu), needs_grad and not recompute, allow_tf32, backend,
-        _sync.group_key(process_group) if training else 0, bool(recompute))
+        _sync.group_key(process_group) if training else 0, bool(recompute), fork=fork, direct=direct)
+    out, _z, _mean, _invstd, new_rm, new_rv = outs[:6]
     if training and running_mean is not None:
         with torch.no_grad():
             running_mean.copy_(new_rm)
             running_var.copy_(new_rv)
-    return out
+    if fork:
+        _backends.note(OP + "/fork", backend)
+        return out, outs[6]
+    return out, x

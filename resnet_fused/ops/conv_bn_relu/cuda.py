@@ -86,6 +86,15 @@ def train_layer(x, weight, bn_weight, bn_bias, running_mean, running_var, residu
                                    padding, dilation, groups, momentum, eps, relu, recompute)
 
 
+def train_layer_fork(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation,
+                     groups, momentum, eps, relu, recompute):
+    """train_layer, and x as a second output of its node for a residual block's shortcut
+    (conv_bn_relu_fork): the node's backward adds the gradient reaching it to x's."""
+    _backends.note(TRAIN_PATH, "c++ node, fork")
+    return tuple(_C().conv_bn_relu_train_fork(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
+                                              stride, padding, dilation, groups, momentum, eps, relu, recompute))
+
+
 def train_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation,
                   groups, momentum, eps, relu):
     _backends.note(TRAIN_PATH, "c++")
