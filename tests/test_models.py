@@ -131,16 +131,25 @@ def _double(data):
 def test_training_steps_parity(name):
     # float32, two steps: judged against float64 truth relative to torchvision's own float32
     # error (agreement with torchvision to a fixed 1e-4 held on one CPU and not on another:
-    # the summation order of the CPU convolutions depends on the machine and thread count)
+    # the summation order of the CPU convolutions depends on the machine and thread count).
+    # PyTorch's own error is the larger of torchvision's in NCHW and in channels_last: two
+    # correct float32 runs whose errors differ up to ~7x on some CPUs (resnet18 on an AVX-512
+    # AMD EPYC: 6.8e-5 and 4.5e-4), so either alone is a noisy yardstick.
     ours, theirs = pair(name, num_classes=5)
     truth = copy.deepcopy(theirs).double()
+    tv_cl = copy.deepcopy(theirs).to(memory_format=torch.channels_last)
     data = _data(2, 4, 32, 5)
     with resnet_fused.use_backend("reference"):
         lo = _train(ours, data)
     lt = _train(theirs, data)
+    lt_cl = _train(tv_cl, [(x.to(memory_format=torch.channels_last), y) for x, y in data])
     ltruth = _train(truth, _double(data))
-    err_ours, err_tv = (lo.double() - ltruth).abs().max().item(), (lt.double() - ltruth).abs().max().item()
-    assert err_ours <= 4 * err_tv + 1e-6 * ltruth.abs().max().item(), (err_ours, err_tv)
+
+    def err(losses):
+        return (losses.double() - ltruth).abs().max().item()
+
+    err_ours, err_tv = err(lo), max(err(lt), err(lt_cl))
+    assert err_ours <= 4 * err_tv + 1e-6 * ltruth.abs().max().item(), (err_ours, err(lt), err(lt_cl))
     # several steps, float64
     ours, theirs = pair(name, num_classes=5)
     ours.double()
