@@ -63,6 +63,7 @@ RESNET50 = [
 
 # Small stand-ins for the CPU smoke run.
 SMOKE = [
+    Conv("smoke stem 7x7/2 3-16", 3, 16, 32, 7, 2, 1),
     Conv("smoke 3x3 16-16", 16, 16, 16, 3, 1, 1),
     Conv("smoke 1x1 16-64 +res", 16, 64, 16, 1, 1, 1, residual=True),
     Conv("smoke 3x3/2 32-32", 32, 32, 16, 3, 2, 1),

@@ -425,6 +425,57 @@ def bench_ops(args, device, env, rows, progress):
                 t.requires_grad_(False)
             if L.residual:
                 _bench_add_relu(args, device, env, rows, progress, L, batch, dtype, dname, backends, peak_tf, peak_gb)
+            if "stem" in L.name:
+                _bench_stem_maxpool(args, device, env, rows, progress, L, x, w, gamma, beta, rm, rv, batch, dtype, dname,
+                                    backends, peak_tf, peak_gb)
+
+
+def _bench_stem_maxpool(args, device, env, rows, progress, L, x, w, gamma, beta, rm, rv, batch, dtype, dname, backends,
+                        peak_tf, peak_gb):
+    """The stem and its max-pool in inference (docs/perf.md lead 4): eager conv + BN + ReLU +
+    max_pool2d against conv_affine_act_maxpool (BatchNorm folded; Triton pools in the conv's
+    epilogue, the CUDA backend runs cuDNN's conv and then PyTorch's pool). Bytes: the input read
+    and the pooled output written once."""
+    from resnet_fused.ops.conv_bn_relu.inference import conv_affine_act_maxpool, fold_bn
+
+    conv = dict(stride=L.stride, padding=L.padding)
+    wf, bias = fold_bn(w, gamma, beta, rm, rv, 1e-5, dtype)
+    PP = (L.P - 1) // 2 + 1
+    elem = x.element_size()
+    nbytes = elem * (batch * (L.C * L.H * L.H + L.K * PP * PP) + L.K * L.C * L.R * L.R)
+
+    def eager():
+        y = F.batch_norm(F.conv2d(x, w, None, **conv), rm, rv, gamma, beta, False, 0.1, 1e-5)
+        return F.max_pool2d(torch.relu(y), 3, 2, 1)
+
+    def ours():
+        return conv_affine_act_maxpool(x, wf, None, bias, (L.stride,) * 2, (L.padding,) * 2, (1, 1), 1, True)
+
+    for impl in ["eager"] + [f"fused-{b}" for b in backends]:
+        progress.set_description(f"op {L.name} +maxpool eval {impl}")
+        fn = eager if impl == "eager" else ours
+        ctx = resnet_fused.use_backend(impl.split("-")[1]) if impl != "eager" else _null()
+        with ctx, torch.no_grad():
+            status = "ok"
+            if impl != "eager":
+                ref, got = eager().float(), fn().float()
+                err = ((ref - got).abs().max() / (ref.abs().max() + 1e-6)).item()
+                if not err <= (2e-2 if dtype == torch.float32 else 8e-2):
+                    status = f"failed: {err:.3g} relative error vs eager"
+            row = dict(env, layer=f"{L.name} +maxpool", op="conv_bn_relu_maxpool", mode="eval", dtype=dname,
+                       batch=batch, impl=impl, status=status, peak_tflops=_r1(peak_tf), peak_gbps=_r1(peak_gb))
+            if status == "ok":
+                try:
+                    times, timing, call_med = time_op(fn, device, args, f"{L.name} +maxpool eval {impl}")
+                    med, p20, p80 = quantiles(times)
+                    row.update(ms_median=round(med, 4), ms_p20=round(p20, 4), ms_p80=round(p80, 4),
+                               tflops=round(L.flops(batch) / (med / 1e3) / 1e12, 2),
+                               gbps=round(nbytes / (med / 1e3) / 1e9, 1), timing=timing,
+                               call_ms_median=round(call_med, 4))
+                except Exception as e:
+                    row["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            rows.append(row)
+            progress.update(1)
 
 
 def _bench_add_relu(args, device, env, rows, progress, L, batch, dtype, dname, backends, peak_tf, peak_gb):
@@ -705,7 +756,8 @@ def main(argv=None):
     n_models = 0 if args.no_models else len(args.models) * len(args.modes) * len(args.dtypes) * len(args.batches) * len(args.impls)
     layers = SMOKE if args.smoke else RESNET50
     n_impl = len(OP_BASE_IMPLS) + (1 if cpu else len([b for b in ("triton", "cuda") if b in resnet_fused.available_backends()]))
-    n_ops = 0 if args.no_ops else (len(layers) * 3 + sum(L.residual for L in layers) * 2) * len(args.dtypes) * n_impl
+    n_ops = 0 if args.no_ops else ((len(layers) * 3 + sum(L.residual for L in layers) * 2) * n_impl
+                                   + sum("stem" in L.name for L in layers) * (n_impl - 1)) * len(args.dtypes)
     progress = tqdm(total=n_models + n_ops, dynamic_ncols=True) if tqdm else _NoBar()
     model_rows, op_rows, explains = [], [], []
     if not args.no_models:

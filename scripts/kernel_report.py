@@ -36,6 +36,7 @@ import argparse
 import collections
 import contextlib
 import csv
+import dataclasses
 import math
 import os
 import re
@@ -129,6 +130,19 @@ def capture():
             setattr(tk, name, obj)
 
 
+POOL_SUFFIX = " +maxpool"
+
+
+def pooled_layers(layers):
+    """The stem with its max-pool in the epilogue (eval only), as a layer of its own; count 0: the
+    sums of estimates and floors stay those of the 53 convs."""
+    return [dataclasses.replace(L, name=L.name + POOL_SUFFIX, count=0) for L in layers if L.name.startswith("stem")]
+
+
+def _pooled(L):
+    return L.name.endswith(POOL_SUFFIX)
+
+
 def launches_for(layer, batch, mode, dtype):
     """The kernel launches conv_fwd makes for one ResNet-50 layer (meta tensors: nothing runs)."""
     L = layer
@@ -142,6 +156,8 @@ def launches_for(layer, batch, mode, dtype):
         kw.update(scale=None, shift=torch.empty(L.K, device=dev), relu=L.relu,
                   residual=torch.empty(batch, L.K, P, P, device=dev, dtype=dtype).to(memory_format=torch.channels_last)
                   if L.residual else None)
+        if _pooled(L):
+            kw.update(pool=True)
     with capture() as log:
         tk.conv_fwd(x, w, L.K, P, P, (L.stride, L.stride), (L.padding, L.padding), (1, 1), 1, **kw)
     return log
@@ -260,6 +276,10 @@ def estimate(L, batch, mode, dtype_bytes, launch, cfg_kw, info):
     K, C, RS = L.K, L.C, L.R * L.R
     split = v.get("SPLIT_K", 1) or 1
     tiles_m, tiles_n = math.ceil(M / BM), math.ceil(K / BN)
+    PP = (L.P - 1) // 2 + 1  # (the pooled output, POOL)
+    if v.get("POOL"):
+        tr, tc = tk.pool_tile(BM)
+        tiles_m = batch * math.ceil(PP / (tr // 2 - 1)) * math.ceil(PP / (tc // 2 - 1))
     red = RS * math.ceil(C / BC) * BC if not v.get("PACKED") else math.ceil(RS * C / BC) * BC
     flops = 2.0 * tiles_m * BM * tiles_n * BN * red
     # residency: CTAs per SM limited by shared memory and registers
@@ -278,6 +298,8 @@ def estimate(L, batch, mode, dtype_bytes, launch, cfg_kw, info):
         a_reads = tiles_n if a_bytes > L2_BYTES // 2 else 1
     w_bytes = K * C * RS * dtype_bytes
     out_bytes = M * K * dtype_bytes * (1 + (1 if (mode == "eval" and L.residual) else 0))
+    if v.get("POOL"):
+        out_bytes = batch * PP * PP * K * dtype_bytes
     stats = (2 * tiles_m * K * 4) if mode == "train" else 0
     split_bytes = (2 * split * M * K * 4) if split > 1 else 0
     bytes_ = a_bytes * a_reads + w_bytes + out_bytes + stats + split_bytes
@@ -293,6 +315,9 @@ def floor_us(L, batch, dtype_bytes, mode="eval"):
     """The layer's floor (docs/perf.md): FLOPs at 790 TFLOP/s or its fewest bytes at 3.0 TB/s. In
     training the conv kernel reads no residual (the normalisation pass adds it)."""
     nbytes = L.min_bytes(batch, dtype_bytes)
+    if _pooled(L):  # the input once, the pooled output once
+        PP = (L.P - 1) // 2 + 1
+        nbytes = dtype_bytes * (batch * (L.C * L.H * L.H + L.K * PP * PP) + L.K * L.C * L.R * L.R)
     if mode == "train" and L.residual:
         nbytes -= batch * L.K * L.P * L.P * dtype_bytes
     return max(L.flops(batch) / PEAK_FLOPS, nbytes / PEAK_BYTES) * 1e6
@@ -330,7 +355,7 @@ def main(argv=None):
         eb = torch.tensor([], dtype=dt).element_size()
         for batch in batches:
             for mode in args.modes.split(","):
-                for L in layers:
+                for L in layers + (pooled_layers(layers) if mode == "eval" else []):
                     for launch in launches_for(L, batch, mode, dt):
                         bound = launch.bound()
                         for cfg_kw, nw, ns, hook in launch.configs():
@@ -379,7 +404,7 @@ def main(argv=None):
             w = csv.DictWriter(f, fieldnames=cols)
             w.writeheader()
             w.writerows(rows)
-    md = markdown(rows, layers)
+    md = markdown(rows, layers + pooled_layers(layers))
     print(md)
     if args.perf_md:
         write_into(args.perf_md, md)

@@ -56,7 +56,7 @@ def main():
                     sig = dict(x_ptr="*" + dt, w_ptr="*" + dt, out_ptr="*" + dt, z_ptr="*" + dt, scale_ptr="*" + acc,
                                shift_ptr="*" + acc, res_ptr="*" + dt, pmean_ptr="*" + acc, pm2_ptr="*" + acc,
                                ws_ptr="*" + acc)
-                    for n in "C H W K P Q Kg sxn sxc sxh sxw SH SW PH PW DH DW".split():
+                    for n in "C H W K P Q Kg PP PQ sxn sxc sxh sxw SH SW PH PW DH DW".split():
                         sig[n] = "i32"
                     sig["M"] = "i64"
                     tags = [("conv", dict(R=3, S=3, Cg=64, PACKED=False, ROWRUN=False, PAD=True, SPLIT_K=1)),
@@ -64,10 +64,14 @@ def main():
                     if (bm, bn, bc, w, st) == variants[0]:  # the packed reductions (stem: 7x7, 4 channels)
                         tags += [("conv-packed", dict(R=7, S=7, Cg=3, PACKED=True, ROWRUN=False, PAD=True, SPLIT_K=1)),
                                  ("conv-rowrun", dict(R=7, S=7, Cg=4, PACKED=True, ROWRUN=True, PAD=True, SPLIT_K=1))]
+                        if not training:  # the stem with its max-pool in the epilogue (eval, no residual)
+                            tags += [("conv-rowrun-maxpool", dict(R=7, S=7, Cg=4, PACKED=True, ROWRUN=True, PAD=True,
+                                                                  SPLIT_K=1, POOL=True))]
                     for name, geo in tags:
-                        consts = dict(geo, GROUPS=1, IDX64=True, TRAINING=training, HAS_RES=not training, RELU=True,
-                                      STORE_Z=True, HAS_SCALE=True, IEEE=ieee, GROUP_M=8, BLOCK_M=bm, BLOCK_N=bn,
-                                      BLOCK_C=bc)
+                        pool = geo.get("POOL", False)
+                        consts = dict(geo, GROUPS=1, IDX64=True, TRAINING=training, HAS_RES=not training and not pool,
+                                      RELU=True, STORE_Z=not pool, HAS_SCALE=True, IEEE=ieee, POOL=pool, GROUP_M=8,
+                                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc)
                         comp(tk._conv_fwd_kernel, sig, consts, dict(num_warps=w, num_stages=st),
                              tag=f"{name} {dt} {'train' if training else 'eval'} tile={bm}x{bn}x{bc} w{w} s{st} "
                                  f"ieee={ieee}")

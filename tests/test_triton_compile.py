@@ -39,7 +39,9 @@ def test_kernel_report_every_resnet50_variant_uses_hgmma_without_spills(tmp_path
 
     rows = [row for row in csv.DictReader(open(out)) if row.get("est_us")]
     layers = {row["layer"] for row in rows}
-    assert len(layers) == 24 and {row["dtype"] for row in rows} == {"bf16", "fp16"}
+    # (the 24 conv geometries, and the stem with its max-pool in the epilogue: eval)
+    assert len(layers) == 25 and {row["dtype"] for row in rows} == {"bf16", "fp16"}
+    assert {row["mode"] for row in rows if row["layer"] == "stem 7x7/2 3-64 +maxpool"} == {"eval"}
     assert {row["mode"] for row in rows} == {"eval", "train"}
     assert all(row["mma"] == "HGMMA" and int(row["spill_bytes"]) == 0 and int(row["drains"]) <= 1 for row in rows)
     assert {row["kernel"] for row in rows} == {"_conv_fwd_kernel", "_conv1x1_kernel"}

@@ -32,7 +32,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from .. import _select
 from ..ops._common import autocast_dtype
 from ..ops.conv_bn_relu import conv_bn_relu, conv_bn_relu_fork
-from ..ops.conv_bn_relu.inference import conv_affine_act, fold_bn, owned_bias
+from ..ops.conv_bn_relu.inference import conv_affine_act, conv_affine_act_maxpool, fold_bn, owned_bias
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "SyncBatchNorm2d", "fuse", "convert_sync_batchnorm",
            "clear_fold_cache", "set_recompute", "get_recompute", "use_recompute"]
@@ -284,6 +284,28 @@ def _conv_bn(conv, bn, x, residual, relu, fork):
         process_group=group, recompute=_recomputes(conv))
 
 
+def conv_bn_maxpool(conv: nn.Conv2d, bn: nn.Module, x: Tensor, maxpool: nn.Module) -> Tensor:
+    """``maxpool(relu(bn(conv(x))))`` for the stem (``maxpool`` one that _stem_pool accepts): in
+    inference with the BatchNorm folded, one operator whose Triton kernel pools in its epilogue
+    (conv_affine_act_maxpool); otherwise conv_bn, then the pool module."""
+    dt = _fold_dtype(conv, bn, x)
+    if dt is None:
+        return maxpool(conv_bn(conv, bn, x, relu=True))
+    _name_layer(conv)
+    w, bias = _folded(conv, bn, dt)
+    return conv_affine_act_maxpool(x if x.dtype == dt else x.to(dt), w, None, bias, conv.stride, conv.padding,
+                                   conv.dilation, conv.groups, True)
+
+
+def _stem_pool(m: nn.Module) -> bool:
+    """torchvision's stem pool: nn.MaxPool2d(kernel_size=3, stride=2, padding=1), unhooked."""
+    def two(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    return (type(m) is nn.MaxPool2d and two(m.kernel_size) == (3, 3) and two(m.stride) == (2, 2)
+            and two(m.padding) == (1, 1) and two(m.dilation) == (1, 1) and not m.ceil_mode and not m.return_indices
+            and not _hooked(m))
+
+
 def _fusable_downsample(ds: Optional[nn.Module]) -> bool:
     # (hooks on the downsample Sequential itself must see it run, as on its conv and norm)
     return isinstance(ds, nn.Sequential) and len(ds) == 2 and _fusable(ds[0], ds[1]) and not _hooked(ds)
@@ -377,10 +399,12 @@ class ResNet(tvr.ResNet):
 
     def _forward_impl(self, x: Tensor) -> Tensor:
         if _fusable(self.conv1, self.bn1) and isinstance(self.relu, nn.ReLU) and not _hooked(self.relu):
-            x = conv_bn(self.conv1, self.bn1, x, relu=True)
+            if _stem_pool(self.maxpool) and not _global_hooks():
+                x = conv_bn_maxpool(self.conv1, self.bn1, x, self.maxpool)
+            else:
+                x = self.maxpool(conv_bn(self.conv1, self.bn1, x, relu=True))
         else:
-            x = self.relu(self.bn1(self.conv1(x)))
-        x = self.maxpool(x)
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)

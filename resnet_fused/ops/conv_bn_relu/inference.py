@@ -50,7 +50,7 @@ def owned_bias(bias: Tensor) -> Tensor:
 
 def _run(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], residual: Optional[Tensor],
          stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool, allow_tf32: bool,
-         backend: str) -> Tensor:
+         backend: str, pool: bool = False) -> Tensor:
     from . import _IMPLS, _in_layout, _out_size
     from .._common import device_guard
 
@@ -64,10 +64,23 @@ def _run(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Ten
         w = weight.permute(0, 2, 3, 1).contiguous() if backend == "triton" else weight
         if shift is None and backend == "triton":  # (the kernel's epilogue always adds one)
             shift = torch.zeros(K, dtype=acc_dtype(x.dtype), device=x.device)
+        kw = {"pool": True} if pool and backend == "triton" else {}
         out, _, _, _, _ = _IMPLS[backend].conv_fwd(x, w, K, P, Q, stride, padding, dilation, groups, training=False,
                                                    scale=scale, shift=shift, residual=residual, relu=relu,
-                                                   ieee=not allow_tf32)
-        return _in_layout(out, (N, K, P, Q), CL)
+                                                   ieee=not allow_tf32, **kw)
+        if not pool:
+            return _in_layout(out, (N, K, P, Q), CL)
+        _backends.note(POOL_PATH, "epilogue" if kw else "max_pool2d")
+        if not kw:  # the conv's output, then PyTorch's pool
+            out = torch.nn.functional.max_pool2d(_in_layout(out, (N, K, P, Q), CL), 3, 2, 1)
+        return _in_layout(out, (N, K, _pooled(P), _pooled(Q)), CL)
+
+
+POOL_PATH = OP + "/maxpool"  # dispatch_trace(): "epilogue" (Triton: pooled in the conv's epilogue) or "max_pool2d"
+
+
+def _pooled(P: int) -> int:
+    return (P - 1) // 2 + 1  # max_pool2d(kernel 3, stride 2, padding 1), floor mode
 
 
 @torch.library.custom_op("resnet_fused::conv_affine_act", mutates_args=())
@@ -114,3 +127,47 @@ def conv_affine_act(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: O
         return _run(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, allow_tf32, backend)
     return conv_affine_act_op(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, allow_tf32,
                               backend)
+
+
+@torch.library.custom_op("resnet_fused::conv_affine_act_maxpool", mutates_args=())
+def conv_affine_act_maxpool_op(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                               stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
+                               allow_tf32: bool, backend: str) -> Tensor:
+    """max_pool2d(relu?(conv(x, weight) * scale? + shift?), 3, 2, 1), output channels_last."""
+    return _run(x, weight, scale, shift, None, stride, padding, dilation, groups, relu, allow_tf32, backend, True)
+
+
+@conv_affine_act_maxpool_op.register_fake
+def _(x, weight, scale, shift, stride, padding, dilation, groups, relu, allow_tf32, backend):
+    from . import _out_size
+
+    N, C, H, W = x.shape
+    K, _, R, S = weight.shape
+    P, Q = _out_size(H, W, R, S, stride, padding, dilation)
+    return torch.empty((N, K, _pooled(P), _pooled(Q)), dtype=x.dtype, device=x.device, memory_format=CL)
+
+
+def conv_affine_act_maxpool(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], stride,
+                            padding, dilation, groups: int, relu: bool) -> Tensor:
+    """:func:`conv_affine_act` (no residual) followed by ``max_pool2d(kernel_size=3, stride=2,
+    padding=1)``: the ResNet stem in inference. On the Triton backend the pool runs in the conv's
+    epilogue and the conv's own output is never written; the other backends run PyTorch's pool
+    after their conv. ``auto`` chooses between the two per call signature, as for the conv alone."""
+    from .._common import conv_allows_tf32, direct_ok
+
+    stride, padding, dilation = list(stride), list(padding), list(dilation)
+    allow_tf32 = conv_allows_tf32() and x.device.type == "cuda"
+    key = runner = None
+    if (x.device.type in _backends._SELECT_DEVICES and _backends.get_backend() == "auto") or _select.RECORDER is not None:
+        key = _select.conv_key(OP + ":maxpool" + ("" if shift is not None else ":no-bias"), x, weight, stride,
+                               padding, dilation, groups, False, relu, False, allow_tf32)
+
+        def runner(b):
+            return lambda: _run(x, weight, scale, shift, None, stride, padding, dilation, groups, relu, allow_tf32, b,
+                                True)
+    backend = _backends.resolve(OP, x, key=key, runner=runner, weight=weight)
+    if direct_ok(x, weight, scale, shift) and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, scale, shift))):
+        return _run(x, weight, scale, shift, None, stride, padding, dilation, groups, relu, allow_tf32, backend, True)
+    return conv_affine_act_maxpool_op(x, weight, scale, shift, stride, padding, dilation, groups, relu, allow_tf32,
+                                      backend)

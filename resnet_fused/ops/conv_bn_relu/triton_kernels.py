@@ -8,7 +8,10 @@ with the input patch gathered on the fly (zero padding by masking), tensor cores
   * eval:     applies the folded BatchNorm (scale, shift), the residual and ReLU, one store;
   * training: stores the raw conv output z and this tile's per-channel mean and M2 (sum of
               squared deviations from the tile mean), merged later with Chan's formula:
-              exact, deterministic (no atomics) and free of the E[z^2]-E[z]^2 cancellation.
+              exact, deterministic (no atomics) and free of the E[z^2]-E[z]^2 cancellation;
+  * eval + max-pool (the ResNet stem's 3x3 stride-2 pad-1 pool): a tile is a 2-D block of
+              conv outputs with a one-pixel halo, pooled in registers; only the pooled
+              output is written (see _pool_epilogue).
 fp16/bf16 accumulators are rounded to the activation dtype before the epilogue, as PyTorch's
 conv output is before its BatchNorm (overflow gives inf as in eager).
 """
@@ -44,6 +47,9 @@ def _conv_configs():
         _cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3),
         _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 4),
         _cfg(128, 128, 32, 8, 4), _cfg(128, 64, 32, 4, 4), _cfg(64, 64, 32, 4, 4),
+        # the pooled stem only (POOL): a 16 x 16 pixel tile keeps 7 x 7 pooled pixels (77% of its
+        # rows), where 128 rows (8 x 16) keep 3 x 7 (66%)
+        _cfg(256, 64, 32, 8, 4),
         _cfg(64, 32, 32, 4, 4), _cfg(64, 16, 32, 4, 4), _cfg(64, 16, 16, 4, 4),
     ]
 
@@ -82,6 +88,7 @@ def _prune_configs(configs, named_args, **kwargs):
     kept = [c for c in configs if c.kwargs["BLOCK_C"] == bc and min_n <= c.kwargs["BLOCK_N"] <= cap_n
             and c.kwargs["BLOCK_M"] <= cap_m
             and (max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) < 256 or tiles(c) >= 132)
+            and (c.kwargs["BLOCK_M"] < 256 or c.kwargs["BLOCK_N"] > 64 or args.get("POOL"))
             # the implicit GEMM's statistics epilogue on a 256-wide tile spills (112 B, fp16,
             # Triton 3.8: scripts/kernel_report.py)
             and not (args.get("TRAINING") and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 128)]
@@ -191,6 +198,66 @@ def _epilogue(acc, offs_m, offs_k, m_mask, k_mask, stat_row, M, K, act_ptr, out_
         tl.store(out_ptr + mk, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _max3(a, b, c):
+    # NaN-propagating, as max_pool2d
+    return tl.maximum(tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL), c, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _maxpool_tile(y, TR: tl.constexpr, TC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """3x3 stride-2 max-pool of a [TR * TC, BLOCK_N] tile of conv outputs (row-major TR x TC
+    pixels) whose pixel (0, 0) is a window's top-left corner: pooled (i, j) is the max over
+    tile rows 2i..2i+2 and columns 2j..2j+2. Returns [(TR // 2) * (TC // 2), BLOCK_N]; the last
+    pooled row and column (their windows leave the tile) are junk for the caller to mask.
+    Rows (and then columns) 2i, 2i+1 come from a reshape, 2i+2 from a gather."""
+    y3 = tl.reshape(y, (TR, TC, BLOCK_N))
+    ev, od = tl.split(tl.permute(tl.reshape(y3, (TR // 2, 2, TC, BLOCK_N)), (0, 2, 3, 1)))
+    ri = tl.minimum(2 * tl.arange(0, TR // 2) + 2, TR - 1)
+    nx = tl.gather(y3, ri[:, None, None] + tl.zeros((TR // 2, TC, BLOCK_N), tl.int32), 0)
+    rows = _max3(ev, od, nx)  # [TR // 2, TC, BLOCK_N]
+    ev, od = tl.split(tl.permute(tl.reshape(rows, (TR // 2, TC // 2, 2, BLOCK_N)), (0, 1, 3, 2)))
+    ci = tl.minimum(2 * tl.arange(0, TC // 2) + 2, TC - 1)
+    nx = tl.gather(rows, ci[None, :, None] + tl.zeros((TR // 2, TC // 2, BLOCK_N), tl.int32), 1)
+    return tl.reshape(_max3(ev, od, nx), ((TR // 2) * (TC // 2), BLOCK_N))
+
+
+@triton.jit
+def _pool_epilogue(acc, m_mask, offs_k, k_mask, img, tr, tc, PP, PQ, K, act_ptr, out_ptr, scale_ptr, shift_ptr,
+                   RELU: tl.constexpr, HAS_SCALE: tl.constexpr, IDX64: tl.constexpr, TR: tl.constexpr,
+                   TC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Eval epilogue with the max-pool: the folded BatchNorm and ReLU as _epilogue's, rounded to
+    the output dtype (rounding is monotonic: the pool of the rounded values is the rounded pool),
+    pixels outside the conv output (the pool's padding) as -inf, then _maxpool_tile; stores the
+    (TR // 2 - 1) x (TC // 2 - 1) pooled pixels of tile (tr, tc) of image img."""
+    F64: tl.constexpr = act_ptr.dtype.element_ty == tl.float64
+    F32: tl.constexpr = act_ptr.dtype.element_ty == tl.float32
+    if not F64 and not F32:
+        acc = acc.to(act_ptr.dtype.element_ty).to(tl.float32)
+    sh = tl.load(shift_ptr + offs_k, mask=k_mask, other=0.0)
+    if HAS_SCALE:
+        sc = tl.load(scale_ptr + offs_k, mask=k_mask, other=0.0)
+        y = acc * sc[None, :] + sh[None, :]
+    else:
+        y = acc + sh[None, :]
+    if RELU:
+        y = tl.where(y < 0, 0.0, y)  # NaN stays NaN, as in torch.relu
+    y = tl.where(m_mask[:, None], y.to(out_ptr.dtype.element_ty), float("-inf"))
+    pooled = _maxpool_tile(y, TR, TC, BLOCK_N)
+    PR: tl.constexpr = TR // 2 - 1
+    PC: tl.constexpr = TC // 2 - 1
+    i = tl.arange(0, (TR // 2) * (TC // 2)) // (TC // 2)
+    j = tl.arange(0, (TR // 2) * (TC // 2)) % (TC // 2)
+    pr = tr * PR + i
+    pc = tc * PC + j
+    pmask = (i < PR) & (j < PC) & (pr < PP) & (pc < PQ)
+    if IDX64:
+        row = (img.to(tl.int64) * PP + pr) * PQ + pc
+    else:
+        row = (img * PP + pr) * PQ + pc
+    tl.store(out_ptr + row[:, None] * K + offs_k[None, :], pooled, mask=pmask[:, None] & k_mask[None, :])
+
+
 # Loop bounds in these kernels are compile-time constants (Cg, R*S, the finalize's trip
 # count): Triton 3.6's interpreter cannot loop over a runtime scalar under NumPy >= 2.4.
 @triton.jit
@@ -204,6 +271,7 @@ def _conv_fwd_kernel(
     pmean_ptr, pm2_ptr,  # [cdiv(M, BLOCK_M), K] per-tile mean / M2 (training)
     ws_ptr,  # [SPLIT_K, M, K] float32 partial sums (SPLIT_K > 1: the reduce kernel runs the epilogue)
     C, H, W, K, P, Q, M, Kg,
+    PP, PQ,  # the pooled output's size (POOL)
     sxn, sxc, sxh, sxw,
     SH, SW, PH, PW, DH, DW,
     R: tl.constexpr, S: tl.constexpr,
@@ -217,6 +285,7 @@ def _conv_fwd_kernel(
     TRAINING: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STORE_Z: tl.constexpr,
     HAS_SCALE: tl.constexpr,  # eval: False when the scale is folded into the weight (shift = bias)
     IEEE: tl.constexpr,  # fp32 inputs: IEEE fp32 products instead of TF32
+    POOL: tl.constexpr,  # eval: 3x3 stride-2 pad-1 max-pool of the output in the epilogue (the stem's)
     GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -224,20 +293,48 @@ def _conv_fwd_kernel(
     block), so that the loads of the next tap are in flight while this one multiplies (one
     pipeline drain per output tile, at its end)."""
     tiles_per_group = tl.cdiv(Kg, BLOCK_N)
-    pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), GROUPS * tiles_per_group, GROUP_M)
+    if POOL:
+        # A tile is TR x TC conv output pixels starting one pixel above and left of its first
+        # pooled pixel's window centre: (TR // 2 - 1) x (TC // 2 - 1) pooled pixels whose windows
+        # lie inside it (pool_tile() on the host: the same shape).
+        TC: tl.constexpr = 16 if BLOCK_M >= 128 else (8 if BLOCK_M >= 64 else 4)
+        TR: tl.constexpr = BLOCK_M // TC
+        tcols = tl.cdiv(PQ, TC // 2 - 1)
+        per_img = tl.cdiv(PP, TR // 2 - 1) * tcols
+        num_pid_m = (M // (P * Q)) * per_img
+    else:
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+    pid_m, pid_n = _tile_ids(tl.program_id(0), num_pid_m, GROUPS * tiles_per_group, GROUP_M)
     g = pid_n // tiles_per_group
     offs_kg = (pid_n % tiles_per_group) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_mask = offs_kg < Kg
     offs_k = g * Kg + offs_kg  # global output channel
-    if IDX64:
-        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if POOL:
+        img = pid_m // per_img
+        tr = (pid_m - img * per_img) // tcols
+        tc = (pid_m - img * per_img) - tr * tcols
+        lm = tl.arange(0, BLOCK_M)
+        lr = lm // TC
+        lc = lm % TC
+        p = tr * (2 * (TR // 2 - 1)) - 1 + lr
+        q = tc * (2 * (TC // 2 - 1)) - 1 + lc
+        # (the last row and column of the tile feed no kept pooled pixel: not loaded)
+        m_mask = (p >= 0) & (p < P) & (q >= 0) & (q < Q) & (lr < TR - 1) & (lc < TC - 1)
+        if IDX64:
+            n = img.to(tl.int64) + lm * 0
+        else:
+            n = img + lm * 0
+        offs_m = lm  # (unused by the pooled epilogue)
     else:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    q = offs_m % Q
-    t = offs_m // Q
-    p = t % P
-    n = t // P
+        if IDX64:
+            offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        else:
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        q = offs_m % Q
+        t = offs_m // Q
+        p = t % P
+        n = t // P
     h0 = p * SH - PH
     w0 = q * SW - PW
     x_row = x_ptr + n * sxn + g * Cg * sxc  # [BLOCK_M] pointers at (n, group's first channel)
@@ -327,6 +424,9 @@ def _conv_fwd_kernel(
         # partial sums, fixed slot per split: the reduce kernel adds them in split order
         mk = offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
         tl.store(ws_ptr + tl.program_id(1).to(tl.int64) * M * K + mk, acc, mask=m_mask[:, None] & k_mask[None, :])
+    elif POOL:
+        _pool_epilogue(acc, m_mask, offs_k, k_mask, img, tr, tc, PP, PQ, K, x_ptr, out_ptr, scale_ptr, shift_ptr, RELU,
+                       HAS_SCALE, IDX64, TR, TC, BLOCK_N)
     else:
         _epilogue(acc, offs_m, offs_k, m_mask, k_mask, pid_m, M, K, x_ptr, out_ptr, z_ptr, scale_ptr, shift_ptr,
                   res_ptr, pmean_ptr, pm2_ptr, TRAINING, HAS_RES, RELU, STORE_Z, HAS_SCALE, BLOCK_M)
@@ -439,7 +539,7 @@ _conv_fwd_tuned = triton.autotune(
     # smallest BLOCK_M, the split-K workspace is written whole by every split), so benchmarking
     # configs on the live buffers is harmless.
     key=["M", "K", "C", "Cg", "H", "W", "P", "Q", "SH", "SW", "PH", "PW", "DH", "DW", "R", "S", "sxc", "GROUPS",
-         "SPLIT_K", "ROWRUN", "TRAINING", "HAS_RES", "RELU", "STORE_Z", "HAS_SCALE", "IEEE"],
+         "SPLIT_K", "ROWRUN", "TRAINING", "HAS_RES", "RELU", "STORE_Z", "HAS_SCALE", "IEEE", "POOL"],
 )(_conv_fwd_kernel)
 
 
@@ -514,8 +614,19 @@ def _max_offset(t):
     return sum((d - 1) * st for d, st in zip(t.shape, t.stride()) if d > 0) + 1
 
 
+def pool_tile(block_m):
+    """(TR, TC): the conv-output pixels a pooled tile of BLOCK_M rows covers (the kernel's rule)."""
+    tc = 16 if block_m >= 128 else (8 if block_m >= 64 else 4)
+    return block_m // tc, tc
+
+
+def pooled_size(P):
+    """The output size of a 3x3 stride-2 pad-1 max-pool over P pixels (floor mode)."""
+    return (P - 1) // 2 + 1
+
+
 def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training, scale=None, shift=None,
-             residual=None, relu=True, store_z=False, ieee=True):
+             residual=None, relu=True, store_z=False, ieee=True, pool=False):
     """Launch the convolution with its fused epilogue: the TMA GEMM for dense 1x1 stride-1
     convs, else the implicit GEMM (with split-K when the output is too small to fill the GPU).
 
@@ -524,6 +635,8 @@ def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training,
         w_krsc: [K, R, S, C // groups] contiguous weight.
         scale, shift: [K] folded BatchNorm in the accumulator dtype (eval).
         residual: [N, K, P, Q] channels_last-dense residual or None (eval).
+        pool: eval without a residual: ``out`` is max_pool2d(., 3, 2, 1) of the conv's output,
+            pooled in the epilogue (the conv's own output is never written).
     Returns:
         (out, z, pmean, pm2, rows_per_partial): out (eval) and z are [N, K, P, Q]
         channels_last; pmean/pm2 are [G, K] per-tile statistics (training) over
@@ -536,7 +649,10 @@ def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training,
     dev, dt = x.device, x.dtype
     acc_dt = torch.float64 if dt == torch.float64 else torch.float32
     cl = torch.channels_last
-    out = torch.empty((N, K, P, Q), device=dev, dtype=dt, memory_format=cl) if not training else None
+    if pool and (training or residual is not None or store_z):
+        raise ValueError("conv_fwd: pool is for eval without a residual or z")
+    PP, PQ = (pooled_size(P), pooled_size(Q)) if pool else (P, Q)
+    out = torch.empty((N, K, PP, PQ), device=dev, dtype=dt, memory_format=cl) if not training else None
     z = torch.empty((N, K, P, Q), device=dev, dtype=dt, memory_format=cl) if (training or store_z) else None
     interp = interpreting()
     if M == 0:
@@ -566,7 +682,7 @@ def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training,
 
     # --- dense 1x1 stride-1: the TMA GEMM ---------------------------------------------------
     elem = x.element_size()
-    if (TensorDescriptor is not None and R == 1 and S == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+    if (not pool and TensorDescriptor is not None and R == 1 and S == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
             and groups == 1 and dt != torch.float64 and x.is_contiguous(memory_format=cl)
             and (C * elem) % 16 == 0 and x.data_ptr() % 16 == 0 and w_krsc.data_ptr() % 16 == 0
             and _split_k(M, Kg, 1, triton.cdiv(C, 64), _num_sms(dev)) == 1):
@@ -609,7 +725,8 @@ def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training,
     rowrun = packed and groups == 1 and C == Cg and dilation[1] == 1 and x.is_contiguous(memory_format=cl)
     nstep_nominal = R * S * triton.cdiv(Cg, 64) if not packed else triton.cdiv(R * S * Cg, 16)
     # (under the interpreter too: its "GPU" has 4 SMs, so the small test problems split)
-    split = 1 if dt == torch.float64 else _split_k(M, Kg, groups, nstep_nominal, _num_sms(dev))
+    # (a pooled tile needs its whole reduction: no split)
+    split = 1 if dt == torch.float64 or pool else _split_k(M, Kg, groups, nstep_nominal, _num_sms(dev))
     if interp or dt == torch.float64:
         small = M * K <= 64 * 64 * 4 and Cg <= 64
         cfg = dict(_INTERP_SMALL if small else _INTERP_LARGE)
@@ -617,7 +734,7 @@ def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training,
             cfg.update(BLOCK_M=32, BLOCK_N=32, BLOCK_C=8)
         kernel = _conv_fwd_kernel
     elif _use_fixed_config(("implicit", M, K, C, Cg, H, W, P, Q, *stride, *padding, *dilation, R, S, x.stride(1),
-                            groups, split, rowrun, flag_key, dt)):
+                            groups, split, rowrun, flag_key, pool, dt)):
         kernel, cfg = _conv_fwd_kernel, _fixed_config(Cg, R, S, packed, Kg, M, groups, split, rowrun)
     else:
         kernel, cfg = _conv_fwd_tuned, {}
@@ -629,17 +746,24 @@ def conv_fwd(x, w_krsc, K, P, Q, stride, padding, dilation, groups, *, training,
         rows0 = _SPLIT_BLOCK if split > 1 else cfg["BLOCK_M"] if cfg else _MIN_TUNED_BLOCK_M
         pm = torch.empty((triton.cdiv(M, rows0), K), device=dev, dtype=acc_dt)
         pm2 = torch.empty_like(pm)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * groups * triton.cdiv(Kg, meta["BLOCK_N"]), split)  # noqa: E731
+    def grid(meta):
+        if pool:
+            tr, tc = pool_tile(meta["BLOCK_M"])
+            m_tiles = N * triton.cdiv(PP, tr // 2 - 1) * triton.cdiv(PQ, tc // 2 - 1)
+        else:
+            m_tiles = triton.cdiv(M, meta["BLOCK_M"])
+        return (m_tiles * groups * triton.cdiv(Kg, meta["BLOCK_N"]), split)
+
     _backends.note(PATH, ("implicit-rowrun" if rowrun else "implicit-packed" if packed else "implicit") + (f"-split{split}" if split > 1 else "")
-                   + ("-padded-channels" if padded else ""))
+                   + ("-padded-channels" if padded else "") + ("-maxpool" if pool else ""))
     kernel[grid](
         x, w_krsc, tensors["out"], tensors["z"], tensors["scale"], tensors["shift"], tensors["res"],
         pm if pm is not None and split == 1 else dummy, pm2 if pm2 is not None and split == 1 else dummy, ws,
-        C, H, W, K, P, Q, M, Kg,
+        C, H, W, K, P, Q, M, Kg, PP, PQ,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         R=R, S=S, Cg=Cg, GROUPS=groups, PACKED=packed, ROWRUN=rowrun, PAD=tuple(padding) != (0, 0), SPLIT_K=split, IDX64=idx64,
-        GROUP_M=_GROUP_M, **flags, **cfg,
+        POOL=pool, GROUP_M=_GROUP_M, **flags, **cfg,
     )
     if split > 1:
         _splitk_reduce_kernel[(triton.cdiv(M, _SPLIT_BLOCK), triton.cdiv(K, _SPLIT_BLOCK))](
