@@ -352,3 +352,98 @@ def test_fork_on_the_cuda_backends_python_node(cpp_node_on_cpu, monkeypatch):
     assert ("conv_bn_train/cuda", "c++ node, fork") not in trace
     for i, (a, b) in enumerate(zip(grads, grads0)):
         assert_close(a, b, atol=1e-12, rtol=1e-12, msg=f"gradient {i}")
+
+
+# --- the Python node: in place only into a gradient no one else holds ---------------------------
+def _spy_join(monkeypatch):
+    """Record, per join, whether the Python node found the shortcut's gradient its own (_owned)."""
+    import resnet_fused.ops.conv_bn_relu as cbr
+
+    seen = []
+    real = cbr._dgrad_join
+
+    def spy(dz, x, w, shortcut, owned):
+        seen.append(owned)
+        return real(dz, x, w, shortcut, owned)
+
+    monkeypatch.setattr(cbr, "_dgrad_join", spy)
+    return seen
+
+
+def _holders_case(case, join, monkeypatch):
+    """One forward and backward of a fork whose shortcut's gradient someone else may hold; returns
+    (the tensors to compare with the join off: autograd's own sum, the trace, and a kept gradient
+    with its value when it was handed out, or None)."""
+    import resnet_fused.ops.conv_bn_relu as cbr
+
+    monkeypatch.setattr(cbr, "SHORTCUT_JOIN", [join])
+    x, (w1, bn1), _, _, g = _block(Cm=8)  # (out and s of one shape: out + s)
+    gen = torch.Generator().manual_seed(7)
+    t = torch.randn(x.shape, generator=gen, dtype=x.dtype).contiguous(memory_format=CL)
+    xl = x.clone().requires_grad_()
+    seen = []
+    with use_backend("reference"), dispatch_trace() as trace:
+        if case == "module-hook":  # a fused Bottleneck whose downsample logs its input's gradient
+            from torchvision.models import resnet as tvr
+
+            torch.manual_seed(0)
+            ds = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1, bias=False), torch.nn.BatchNorm2d(16))
+            blk = resnet_fused.fuse(torch.nn.Sequential(tvr.Bottleneck(8, 4, downsample=ds)).double())
+            logged = []
+            ds.register_full_backward_hook(lambda m, gi, go: logged.append((gi[0], gi[0].clone())))
+            out = blk(xl.contiguous(memory_format=CL))
+            (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum().backward()
+            (kept, at_hook_time), = logged
+            return [xl.grad, kept], trace, (kept, at_hook_time)
+        v = torch.randn(x.shape, generator=gen, dtype=x.dtype).requires_grad_()
+        a = v * 2  # (made before the fork: its backward runs after the fork's node)
+        out, s = conv_bn_relu_fork(xl, w1, bn1["bn_weight"], bn1["bn_bias"], None, None, training=True)
+        if case == "sole":
+            ((out * out).sum() + (s * t).sum()).backward()
+            return [xl.grad], trace, None
+        if case == "another-branch":  # y = a + s: AddBackward hands one tensor to both branches
+            y = a + s
+            ((y * t).sum() + (out * out).sum()).backward()
+            return [xl.grad, v.grad], trace, None
+        if case == "callers-gradient":  # (out + s).backward(g): g itself flows to s
+            gg = torch.randn(out.shape, generator=gen, dtype=x.dtype).contiguous(memory_format=CL)
+            before = gg.clone()
+            (out + s).backward(gg)
+            return [xl.grad], trace, (gg, before)
+        if case == "hook-keeps-it":  # (with the join off s is x: its hook sees x's whole gradient)
+            s.register_hook(lambda grad: seen.append((grad, grad.clone())))
+            ((out * out).sum() + (s * t).sum()).backward()
+            return [xl.grad], trace, seen[0]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["sole", "another-branch", "callers-gradient", "hook-keeps-it", "module-hook"])
+def test_python_node_joins_in_place_only_into_a_gradient_no_one_else_holds(case, monkeypatch):
+    """The Python node accumulates into the shortcut's gradient in place only when the autograd
+    engine handed it over with no other holder: not when another branch got the same tensor (an
+    add's backward), the caller passed it to backward(), or a hook kept it. Every tensor the case
+    can see equals the run with the join off (autograd's sum), and each kept gradient still holds
+    what it held when it was handed out."""
+    seen = _spy_join(monkeypatch)
+    got, trace, kept = _holders_case(case, True, monkeypatch)
+    assert JOIN in trace and seen == [case == "sole"], (seen, trace)
+    want, trace0, _ = _holders_case(case, False, monkeypatch)
+    assert JOIN not in trace0 and len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_close(a, b, atol=1e-12, rtol=1e-12, msg=f"{case}: tensor {i}")
+    if kept is not None:
+        assert torch.equal(*kept), f"{case}: a kept gradient changed after it was handed out"
+
+
+def test_fork_under_autocast_returns_the_callers_tensor():
+    """Under autocast a float32 x runs in the autocast dtype; the fork's s is still the caller's x
+    (no join: its alias would be the converted copy), and an x already in that dtype forks."""
+    x, (w1, bn1), _, _, _ = _block(dtype=torch.float32)
+    x = x.requires_grad_()
+    with use_backend("reference"), torch.autocast("cpu", dtype=torch.bfloat16), dispatch_trace() as trace:
+        out, s = conv_bn_relu_fork(x, w1, bn1["bn_weight"], bn1["bn_bias"], None, None, training=True)
+        assert s is x and out.dtype == torch.bfloat16 and FORK[0] not in {op for op, _ in trace}
+        xb = x.detach().to(torch.bfloat16).requires_grad_()
+        out, s = conv_bn_relu_fork(xb, w1, bn1["bn_weight"], bn1["bn_bias"], None, None, training=True)
+    assert s is not xb and s.dtype == torch.bfloat16 and s.data_ptr() == xb.data_ptr()
+    assert (FORK[0], "reference") in trace

@@ -23,6 +23,7 @@ Precision: fp32 inputs use TF32 products exactly when PyTorch's convolutions do
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -207,9 +208,11 @@ def _bwd_op(grad: Tensor, x: Tensor, weight: Tensor, bn_weight: Optional[Tensor]
 
 
 def _backward_impl(grad, x, weight, bn_weight, z, out, mean, invstd, stride, padding, dilation, groups, training,
-                   relu, output_mask, backend, sync_group, bn_bias=None, mask_from_z=False, shortcut=None):
+                   relu, output_mask, backend, sync_group, bn_bias=None, mask_from_z=False, shortcut=None,
+                   shortcut_owned=False):
     """``shortcut`` (the eager fast path of a fork, see conv_bn_relu_fork): the gradient of the
-    input's alias, added to x's gradient (in the dgrad GEMM where _join_gemm_ok)."""
+    input's alias, added to x's gradient (in the dgrad GEMM where _join_gemm_ok: in place when
+    ``shortcut_owned``, see _owned, else into a copy)."""
     _backends.note(OP + "_backward", backend)
     if training and backend == "cuda" and not sync_group and _cuda_impl.CPP_TRAIN[0]:
         res = _cuda_impl.train_backward(grad, x, weight, bn_weight, z, out, mean, invstd, stride, padding, dilation,
@@ -242,7 +245,7 @@ def _backward_impl(grad, x, weight, bn_weight, z, out, mean, invstd, stride, pad
         dgamma, dbeta, a, b, c = B.bn_bwd_reduce_coef(grad, out, z, mean, invstd, bn_weight, relu, mask)
         dz, gres = B.bn_bwd_apply(grad, out, z, mean, invstd, a, b, c, relu, need_dr, mask)
         return _conv_grads(dz, gres, x, weight, bn_weight, dgamma, dbeta, grad, stride, padding, dilation, groups,
-                           output_mask, shortcut)
+                           output_mask, shortcut, shortcut_owned)
     kw = {"mask": mask} if mask is not None else {}  # (synchronized BatchNorm on Triton)
     gamma = bn_weight.to(acc) if bn_weight is not None else torch.ones(K, device=x.device, dtype=acc)
     a = gamma * invstd
@@ -264,7 +267,7 @@ def _backward_impl(grad, x, weight, bn_weight, z, out, mean, invstd, stride, pad
                 b, c = coef * dgamma, coef * dbeta
     dz, gres = B.bn_bwd_apply(grad, out, z, mean, invstd, a, b, c, relu, need_dr, **kw)
     return _conv_grads(dz, gres, x, weight, bn_weight, dgamma, dbeta, grad, stride, padding, dilation, groups,
-                       output_mask, shortcut)
+                       output_mask, shortcut, shortcut_owned)
 
 
 # conv_bn_relu_fork's join (off: RESNET_FUSED_SHORTCUT_JOIN=0, the fork's alias is x and autograd
@@ -283,22 +286,59 @@ def _join_gemm_ok(x, weight, stride, padding, groups) -> bool:
 
 
 def _sole_storage(t) -> bool:
-    # no other tensor (a view) shares t's memory: the Python object and its storage's wrapper
-    # (what the autograd engine checks before accumulating into a gradient in place, less the
-    # TensorImpl's own count, which Python does not see)
+    # no other tensor (a view) shares t's memory: its own TensorImpl and the storage wrapper this
+    # call makes
     return t._base is None and torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2
 
 
-def _dgrad_join(dz, x, weight, shortcut):
+# The Python references and TensorImpl uses a fork's shortcut gradient has in _DirectFn.backward
+# when the autograd engine hands it over with no other holder: measured once (_calibrate_refs) by
+# a probe node whose backward has the same shape, so that the count does not depend on the
+# interpreter's or PyTorch's version.
+_REFS: list = [None]
+
+
+class _RefProbe(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.set_materialize_grads(False)
+        return x.clone(), x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gout, *rest):
+        refs = sys.getrefcount(rest[0])  # (as _DirectFn.backward: first, from the varargs tuple)
+        _REFS[0] = (refs, rest[0]._use_count())
+        return gout + rest[0]
+
+
+def _calibrate_refs():
+    with torch.enable_grad():
+        x = torch.zeros(2, requires_grad=True)
+        a, b = _RefProbe.apply(x)
+        (a.sum() + (b * 2.0).sum()).backward()  # b's gradient: MulBackward's fresh tensor, no other holder
+
+
+def _owned(g, refs) -> bool:
+    """Whether the shortcut's gradient ``g`` (with ``refs`` Python references counted as the
+    probe's were) is held by this backward alone: no extra Python reference (a hook that kept it,
+    the caller's own gradient tensor), no other C++ holder (another branch the engine handed the
+    same tensor to, a retained .grad), no view or shared storage. Only then may the join
+    accumulate into it in place."""
+    base_refs, base_uses = _REFS[0]
+    return refs <= base_refs and g._use_count() <= base_uses and _sole_storage(g)
+
+
+def _dgrad_join(dz, x, weight, shortcut, owned):
     """x's gradient of a conv for which _join_gemm_ok, plus ``shortcut``: the GEMM accumulates into
     the shortcut's gradient in place (cuBLAS's beta = 1 on CUDA: one read of it, where autograd's
-    accumulation reads the dgrad's output and the shortcut's gradient and writes their sum). The
-    shortcut's gradient reaches only this node (the fork's alias feeds the block's shortcut alone);
-    it is copied first where it is not a dense channels_last tensor of its own."""
+    accumulation reads the dgrad's output and the shortcut's gradient and writes their sum) where
+    this backward is its only holder (``owned``: _owned) and it is a dense channels_last tensor;
+    into a copy of it otherwise."""
     N, C, H, W = x.shape
     K = weight.shape[0]
     g = shortcut
-    if not (g.dtype == x.dtype and g.stride() == (H * W * C, 1, W * C, C) and _sole_storage(g)):
+    if not (owned and g.dtype == x.dtype and g.stride() == (H * W * C, 1, W * C, C)):
         g = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=CL).copy_(shortcut)
     dz = _in_layout(dz, dz.shape, CL)
     g.permute(0, 2, 3, 1).reshape(N * H * W, C).addmm_(dz.permute(0, 2, 3, 1).reshape(N * H * W, K),
@@ -307,7 +347,7 @@ def _dgrad_join(dz, x, weight, shortcut):
 
 
 def _conv_grads(dz, gres, x, weight, bn_weight, dgamma, dbeta, grad, stride, padding, dilation, groups, output_mask,
-                shortcut=None):
+                shortcut=None, shortcut_owned=False):
     need_dx, need_dw, need_dg, need_db, need_dr = output_mask
     dx = dw = None
     join = shortcut is not None and need_dx
@@ -315,7 +355,7 @@ def _conv_grads(dz, gres, x, weight, bn_weight, dgamma, dbeta, grad, stride, pad
     if join:
         _backends.note(OP + "_backward/shortcut", "dgrad gemm" if gemm else "dgrad + add")
     if gemm:
-        dx = _dgrad_join(dz, x, weight, shortcut)
+        dx = _dgrad_join(dz, x, weight, shortcut, shortcut_owned)
     if (need_dx and not gemm) or need_dw:
         dx_, dw, _ = torch.ops.aten.convolution_backward(dz, x, weight, None, stride, padding, dilation, False,
                                                          [0, 0], groups, [need_dx and not gemm, need_dw, False])
@@ -362,7 +402,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(z, mean, invstd, new_rm, new_rv)
 
 
-def _grads(ctx, gout, bwd, shortcut=None):
+def _grads(ctx, gout, bwd, shortcut=None, shortcut_owned=False):
     x, weight, bn_weight, z, out, mean, invstd, bn_bias = ctx.saved_tensors
     stride, padding, dilation, groups, training, relu, backend, sync_group, recompute, mask_z = ctx.conf
     nig = ctx.needs_input_grad
@@ -377,7 +417,7 @@ def _grads(ctx, gout, bwd, shortcut=None):
         kw = {}
         if shortcut is not None and mask[0]:
             if bwd is _bwd_direct:  # joined in the dgrad (_conv_grads)
-                kw, shortcut = {"shortcut": shortcut}, None
+                kw, shortcut = {"shortcut": shortcut, "shortcut_owned": shortcut_owned}, None
         res = bwd(gout, x, weight, bn_weight, z, out, mean, invstd, stride, padding, dilation, groups, training, relu,
                   mask, backend, sync_group, bn_bias, mask_z, **kw)
         for slot, need, g in zip((0, 1, 2, 3, 6), mask, res):
@@ -420,8 +460,13 @@ class _DirectFn(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gout, *rest):
+        # (first: the count of Python references to the shortcut's gradient, before any local names it)
+        refs = sys.getrefcount(rest[5]) if ctx.fork and rest[5] is not None else 0
         n_in = 21 if ctx.fork else 20
         shortcut = rest[5] if ctx.fork else None
+        # (someone else may hold this gradient: a hook, the caller, another branch of the graph;
+        # then the join accumulates into a copy)
+        owned = shortcut is not None and _owned(shortcut, refs)
         saved = ctx.saved_tensors
         if gout is None:
             if not (ctx.conf[4] and ctx.conf[7]):  # nothing flows back (but the shortcut's gradient)
@@ -432,7 +477,7 @@ class _DirectFn(torch.autograd.Function):
                                memory_format=CL).zero_()
         # the backward decides again: compiled autograd or a mode around backward() sees the op
         grads = _grads(ctx, gout, _bwd_direct if direct_ok(gout, shortcut, *saved)
-                       else torch.ops.resnet_fused.conv_bn_bwd, shortcut)
+                       else torch.ops.resnet_fused.conv_bn_bwd, shortcut, owned)
         return grads + (None,) if ctx.fork else grads
 
 
@@ -511,8 +556,10 @@ def conv_bn_relu_fork(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn
     not the eager fast path, ``torch.use_deterministic_algorithms(True)``, or
     ``RESNET_FUSED_SHORTCUT_JOIN=0``) ``s`` is ``x`` itself and autograd sums the gradients as usual.
 
-    Contract of ``s``: feed it to the shortcut only, once; its gradient is accumulated into in
-    place (a hook on it that keeps the gradient would see the sum)."""
+    The gradient reaching ``s`` is accumulated into in place only when the backward is its sole
+    holder (no hook or caller kept it, no other branch of the graph got the same tensor, no view
+    of it exists): otherwise into a copy, so that ``s`` can be used like any tensor. Under autocast
+    a float32 ``x`` (converted for the conv) gives ``s = x``."""
     return _layer(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, groups,
                   training, momentum, eps, residual, relu, process_group, recompute, True)
 
@@ -531,6 +578,7 @@ def _layer(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, pad
         raise ValueError(f"{OP}: stride and dilation must be >= 1 and padding >= 0, got stride={stride}, "
                          f"padding={padding}, dilation={dilation}")
     dev_type = x.device.type
+    x_in = x  # (the fork's alias, or what it returns instead: the caller's x, not an autocast copy)
     dt = autocast_dtype(dev_type)
     if dt is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
         # as conv2d under autocast: float32/16/bf16 inputs run in the autocast dtype, float64 as is
@@ -592,9 +640,12 @@ def _layer(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, pad
     # the fork's join (conv_bn_relu_fork): on the eager fast path, where x's gradient is one GEMM
     # (not under torch.use_deterministic_algorithms: PyTorch refuses cuBLAS GEMMs there unless
     # CUBLAS_WORKSPACE_CONFIG is set, where cuDNN's dgrad and autograd's sum are deterministic as they are)
-    fork = (fork and SHORTCUT_JOIN[0] and direct and torch.is_grad_enabled() and x.requires_grad
+    # (and not where autocast converted x: the alias would be a converted copy, not x)
+    fork = (fork and SHORTCUT_JOIN[0] and direct and torch.is_grad_enabled() and x.requires_grad and x is x_in
             and _join_gemm_ok(x, weight, stride, padding, groups)
             and not torch.are_deterministic_algorithms_enabled())
+    if fork and _REFS[0] is None:
+        _calibrate_refs()
     if (training and backend == "cuda" and process_group is None and _cuda_impl.CPP_TRAIN[0]
             and _cuda_impl.CPP_NODE[0] and direct
             and (running_mean is None or (running_mean.is_contiguous() and running_var.is_contiguous()))):
@@ -607,7 +658,7 @@ def _layer(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, pad
                                                bool(relu), bool(recompute))
         return (_cuda_impl.train_layer(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride,
                                        padding, dilation, groups, float(momentum), float(eps), bool(relu),
-                                       bool(recompute)), x)
+                                       bool(recompute)), x_in)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias, residual))
     outs = _run_fwd(
@@ -622,4 +673,4 @@ def _layer(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, pad
     if fork:
         _backends.note(OP + "/fork", backend)
         return out, outs[6]
-    return out, x
+    return out, x_in
