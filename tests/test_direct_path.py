@@ -22,9 +22,9 @@ pytestmark = pytest.mark.usefixtures("ieee_fp32")
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Counts of calls of the two custom ops the public functions may use."""
-    calls = {"conv_bn_fwd": 0, "conv_affine_act": 0}
-    fwd, aff = cbr._fwd_op, inference.conv_affine_act_op
+    """Counts of calls of the custom ops the public functions and the models may use."""
+    calls = {"conv_bn_fwd": 0, "conv_affine_act": 0, "conv_affine_act_maxpool": 0}
+    fwd, aff, pool = cbr._fwd_op, inference.conv_affine_act_op, inference.conv_affine_act_maxpool_op
 
     def fwd_counted(*a):
         calls["conv_bn_fwd"] += 1
@@ -34,8 +34,13 @@ def counted(monkeypatch):
         calls["conv_affine_act"] += 1
         return aff(*a)
 
+    def pool_counted(*a):
+        calls["conv_affine_act_maxpool"] += 1
+        return pool(*a)
+
     monkeypatch.setattr(cbr, "_fwd_op", fwd_counted)
     monkeypatch.setattr(inference, "conv_affine_act_op", aff_counted)
+    monkeypatch.setattr(inference, "conv_affine_act_maxpool_op", pool_counted)
     return calls
 
 
@@ -105,10 +110,11 @@ def test_eval_fast_path_of_the_folded_model(case, counted, monkeypatch):
     x = torch.randn(1, 3, 16, 16, device=device)
     with torch.no_grad(), resnet_fused.use_backend(backend):
         fast = m(x)
-        assert counted == {"conv_bn_fwd": 0, "conv_affine_act": 0}
+        assert counted == {"conv_bn_fwd": 0, "conv_affine_act": 0, "conv_affine_act_maxpool": 0}
         monkeypatch.setattr(_common, "DIRECT", [False])
         slow = m(x)
-    assert counted["conv_affine_act"] == 20  # every conv of ResNet-18 through the custom op
+    # every conv of ResNet-18 through a custom op: the stem with its pool, the 19 others
+    assert counted["conv_affine_act_maxpool"] == 1 and counted["conv_affine_act"] == 19
     assert torch.equal(fast, slow)
 
 

@@ -229,3 +229,39 @@ def test_resnet50_bf16_stem_on_the_gpu_against_float64():
             assert out.dtype == torch.bfloat16 and out.shape == truth.shape
             err = (out.double() - truth).abs().max().item()
             assert err <= 2 * eager_err + 1e-3, (backend, err, eager_err)
+
+
+@pytest.mark.skipif(not resnet_fused._triton.interpreting(), reason="TRITON_INTERPRET=1 not set")
+@pytest.mark.parametrize("block_m", [16, 32, 64, 128, 256])
+def test_pooled_tiles_of_every_tile_height(block_m, monkeypatch):
+    """Every BLOCK_M the configs (and fp64's 32) can give the pooled kernel, forced under the
+    interpreter: its tile shape (4 x 4 up to 16 x 16 conv pixels), ragged last tiles, pooled
+    outputs of one pixel, groups (16 and 4 channels per group), NCHW input, with and without
+    ReLU, against float64 truth."""
+    from resnet_fused.ops.conv_bn_relu import triton_kernels as tk
+
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_C=16)
+    monkeypatch.setattr(tk, "_INTERP_SMALL", cfg)
+    monkeypatch.setattr(tk, "_INTERP_LARGE", cfg)
+    g = torch.Generator().manual_seed(block_m)
+    cases = [  # N, C, H, W, K, kernel, stride, padding, groups, channels_last
+        (1, 3, 33, 29, 8, 7, 2, 3, 1, True),  # conv 17 x 15 -> pooled 9 x 8
+        (1, 16, 9, 14, 24, 3, 1, 1, 1, False),  # NCHW
+        (1, 32, 11, 13, 32, 3, 1, 1, 2, True),  # 2 groups of 16 channels
+        (1, 16, 7, 9, 16, 3, 1, 1, 4, True),  # 4 groups of 4 (packed)
+        (1, 4, 2, 1, 4, 1, 1, 0, 1, True),  # conv 2 x 1 -> pooled 1 x 1
+    ]
+    for i, (N, C, H, W, K, R, st, pd, groups, cl) in enumerate(cases):
+        x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64)
+        x = x.contiguous(memory_format=torch.channels_last) if cl else x
+        w = torch.randn(K, C // groups, R, R, generator=g, dtype=torch.float64) / (C * R * R / groups) ** 0.5
+        shift = torch.randn(K, generator=g, dtype=torch.float64) - 1.0
+        P, Q = (H + 2 * pd - R) // st + 1, (W + 2 * pd - R) // st + 1
+        for relu in (True, False) if i == 0 else (True,):
+            with resnet_fused.dispatch_trace() as trace:
+                out = tk.conv_fwd(x.float(), w.float().permute(0, 2, 3, 1).contiguous(), K, P, Q, (st, st), (pd, pd),
+                                  (1, 1), groups, training=False, shift=shift.float(), relu=relu, pool=True)[0]
+            assert all(b.endswith("-maxpool") for op, b in trace if op == "triton_conv"), trace
+            z = F.conv2d(x, w, shift, st, pd, 1, groups)
+            ref = F.max_pool2d(torch.relu(z) if relu else z, 3, 2, 1)
+            assert_close(out.double(), ref, 1e-4, 1e-4, f"BLOCK_M={block_m} {(N, C, H, W, K, R, groups)} relu={relu}")

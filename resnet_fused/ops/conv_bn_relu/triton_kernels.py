@@ -242,7 +242,9 @@ def _pool_epilogue(acc, m_mask, offs_k, k_mask, img, tr, tc, PP, PQ, K, act_ptr,
         y = acc + sh[None, :]
     if RELU:
         y = tl.where(y < 0, 0.0, y)  # NaN stays NaN, as in torch.relu
-    y = tl.where(m_mask[:, None], y.to(out_ptr.dtype.element_ty), float("-inf"))
+    # (-inf selected in the accumulator dtype, then rounded: the same values, and a 16-bit
+    # constant the interpreter cannot make is not needed)
+    y = tl.where(m_mask[:, None], y, float("-inf")).to(out_ptr.dtype.element_ty)
     pooled = _maxpool_tile(y, TR, TC, BLOCK_N)
     PR: tl.constexpr = TR // 2 - 1
     PC: tl.constexpr = TC // 2 - 1
@@ -314,6 +316,8 @@ def _conv_fwd_kernel(
         tr = (pid_m - img * per_img) // tcols
         tc = (pid_m - img * per_img) - tr * tcols
         lm = tl.arange(0, BLOCK_M)
+        if IDX64:  # (the pixel rows and columns below feed the input's addresses)
+            lm = lm.to(tl.int64)
         lr = lm // TC
         lc = lm % TC
         p = tr * (2 * (TR // 2 - 1)) - 1 + lr
