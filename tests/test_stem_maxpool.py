@@ -104,9 +104,17 @@ def test_stem_maxpool_against_the_pool_of_the_conv_and_float64(case, geom, relu)
 
 
 @pytest.mark.parametrize("case", BACKEND_DEVICE)
-def test_stem_maxpool_propagates_nan_and_inf(case):
+@pytest.mark.parametrize("pool_in_acc", [None, True, False], ids=["default", "pool-fp32", "pool-rounded"])
+def test_stem_maxpool_propagates_nan_and_inf(case, pool_in_acc, monkeypatch):
     backend, device = case
-    dtype = torch.float32
+    if pool_in_acc is not None:  # both orders of pooling and rounding (_POOL_IN_ACC: per Triton version)
+        if backend != "triton" or device != "cpu":
+            pytest.skip("the Triton kernel's two pooling orders, forced under the interpreter")
+        from resnet_fused._triton import tl
+        from resnet_fused.ops.conv_bn_relu import triton_kernels as tk
+
+        monkeypatch.setattr(tk, "_POOL_IN_ACC", tl.constexpr(pool_in_acc))
+    dtype = torch.float32 if pool_in_acc is None else torch.float16
     x, w, bias, st, pd = _problem(GEOMS[0], device, dtype)
     x[1, 0, 7, 4] = float("nan")  # NaN in every channel of the conv outputs that see this pixel
     bias[3] = float("inf")  # channel 3: +inf everywhere
@@ -118,7 +126,12 @@ def test_stem_maxpool_propagates_nan_and_inf(case):
     nan = out.isnan()
     assert (torch.isposinf(out[:, 3]) | nan[:, 3]).all() and ((out[:, 5] == 0) | nan[:, 5]).all()
     ok = ~truth.isnan()
-    assert_close(out.double().cpu()[ok], truth[ok], 1e-4, 1e-4, "finite values")
+    assert_close(out.double().cpu()[ok], truth[ok], _tol(dtype), _tol(dtype), "finite values")
+    if pool_in_acc is not None:  # either order: exactly the pool of the unpooled kernel's output
+        with torch.no_grad(), resnet_fused.use_backend(backend):
+            unpooled = conv_affine_act(x, w, None, bias, None, st, pd, (1, 1), 1, True)
+        assert torch.equal(out.isnan(), F.max_pool2d(unpooled, 3, 2, 1).isnan())
+        assert torch.equal(out.nan_to_num(0.0), F.max_pool2d(unpooled, 3, 2, 1).nan_to_num(0.0))
 
 
 def test_stem_maxpool_opcheck():

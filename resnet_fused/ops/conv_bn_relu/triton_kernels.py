@@ -198,6 +198,15 @@ def _epilogue(acc, offs_m, offs_k, m_mask, k_mask, stat_row, M, K, act_ptr, out_
         tl.store(out_ptr + mk, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# The pooled epilogue's maxima on the fp32 values (then one rounding of the pooled tile) or on the
+# values rounded to the output dtype: the same results (rounding is monotonic). Static evidence,
+# sm_90, bf16 stem (registers / SASS instructions per tile, 128x64 and 256x64 tiles): Triton 3.6
+# upcasts 16-bit maxima anyway, and fp32 pooling gives 168 / 2,808 and 239 / 2,888 where 16-bit
+# gives 235 / 3,832 and 248 / 4,064; Triton 3.8 packs bf16 maxima (HMNMX2): 16-bit gives
+# 165 / 2,344 and 143 / 2,392, fp32 193 / 2,040 and 175 / 2,128. So fp32 before 3.7.
+_POOL_IN_ACC = tl.constexpr(tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7))
+
+
 @triton.jit
 def _max3(a, b, c):
     # NaN-propagating, as max_pool2d
@@ -226,9 +235,10 @@ def _maxpool_tile(y, TR: tl.constexpr, TC: tl.constexpr, BLOCK_N: tl.constexpr):
 def _pool_epilogue(acc, m_mask, offs_k, k_mask, img, tr, tc, PP, PQ, K, act_ptr, out_ptr, scale_ptr, shift_ptr,
                    RELU: tl.constexpr, HAS_SCALE: tl.constexpr, IDX64: tl.constexpr, TR: tl.constexpr,
                    TC: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Eval epilogue with the max-pool: the folded BatchNorm and ReLU as _epilogue's, rounded to
-    the output dtype (rounding is monotonic: the pool of the rounded values is the rounded pool),
-    pixels outside the conv output (the pool's padding) as -inf, then _maxpool_tile; stores the
+    """Eval epilogue with the max-pool: the folded BatchNorm and ReLU as _epilogue's, pixels
+    outside the conv output (the pool's padding) as -inf, then _maxpool_tile, before or after the
+    rounding to the output dtype (_POOL_IN_ACC: rounding is monotonic, the pool of the rounded
+    values is the rounded pool); stores the
     (TR // 2 - 1) x (TC // 2 - 1) pooled pixels of tile (tr, tc) of image img."""
     F64: tl.constexpr = act_ptr.dtype.element_ty == tl.float64
     F32: tl.constexpr = act_ptr.dtype.element_ty == tl.float32
@@ -244,8 +254,11 @@ def _pool_epilogue(acc, m_mask, offs_k, k_mask, img, tr, tc, PP, PQ, K, act_ptr,
         y = tl.where(y < 0, 0.0, y)  # NaN stays NaN, as in torch.relu
     # (-inf selected in the accumulator dtype, then rounded: the same values, and a 16-bit
     # constant the interpreter cannot make is not needed)
-    y = tl.where(m_mask[:, None], y, float("-inf")).to(out_ptr.dtype.element_ty)
-    pooled = _maxpool_tile(y, TR, TC, BLOCK_N)
+    y = tl.where(m_mask[:, None], y, float("-inf"))
+    if _POOL_IN_ACC:
+        pooled = _maxpool_tile(y, TR, TC, BLOCK_N).to(out_ptr.dtype.element_ty)
+    else:
+        pooled = _maxpool_tile(y.to(out_ptr.dtype.element_ty), TR, TC, BLOCK_N)
     PR: tl.constexpr = TR // 2 - 1
     PC: tl.constexpr = TC // 2 - 1
     i = tl.arange(0, (TR // 2) * (TC // 2)) // (TC // 2)
