@@ -143,7 +143,7 @@ def test_stem_maxpool_opcheck():
 
 
 # --- the model ---------------------------------------------------------------------------------
-def _stem_net(seed=0):
+def _stem_net(device, seed=0):
     """torchvision's ResNet-18 stem, pool and head, the residual stages taken out (so that the
     Triton interpreter runs the model in seconds), and the fused class over a copy of it."""
     torch.manual_seed(seed)
@@ -157,15 +157,13 @@ def _stem_net(seed=0):
     theirs.eval()
     ours = resnet_fused.fuse(copy.deepcopy(theirs))
     assert type(ours) is rfm.ResNet
-    return ours, theirs
+    return ours.to(device), theirs.to(device)
 
 
 @pytest.mark.parametrize("case", BACKEND_DEVICE)
 def test_model_eval_takes_the_pooled_stem(case):
     backend, device = case
-    ours, theirs = _stem_net()
-    ours.to(device)
-    theirs.to(device)
+    ours, theirs = _stem_net(device)
     x = torch.randn(2, 3, 30, 26, device=device)
     with torch.no_grad(), resnet_fused.use_backend(backend), resnet_fused.dispatch_trace() as trace:
         out = ours(x)
@@ -178,9 +176,7 @@ def test_model_eval_takes_the_pooled_stem(case):
 @pytest.mark.parametrize("case", BACKEND_DEVICE)
 def test_model_stem_keeps_the_pool_module_where_it_must(case):
     backend, device = case
-    ours, theirs = _stem_net()
-    ours.to(device)
-    theirs.to(device)
+    ours, theirs = _stem_net(device)
     x = torch.randn(2, 3, 24, 24, device=device)
 
     def run(model, grad=False):

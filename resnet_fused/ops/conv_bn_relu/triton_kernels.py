@@ -157,6 +157,16 @@ def _tile_ids(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _eval_affine(acc, offs_k, k_mask, scale_ptr, shift_ptr, HAS_SCALE: tl.constexpr):
+    """The folded BatchNorm of an eval tile: acc * scale + shift, or acc + shift (scale folded)."""
+    sh = tl.load(shift_ptr + offs_k, mask=k_mask, other=0.0)
+    if HAS_SCALE:
+        sc = tl.load(scale_ptr + offs_k, mask=k_mask, other=0.0)
+        return acc * sc[None, :] + sh[None, :]
+    return acc + sh[None, :]
+
+
+@triton.jit
 def _epilogue(acc, offs_m, offs_k, m_mask, k_mask, stat_row, M, K, act_ptr, out_ptr, z_ptr, scale_ptr, shift_ptr,
               res_ptr, pmean_ptr, pm2_ptr, TRAINING: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
               STORE_Z: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -185,12 +195,7 @@ def _epilogue(acc, offs_m, offs_k, m_mask, k_mask, stat_row, M, K, act_ptr, out_
         tl.store(pmean_ptr + pidx, mean, mask=k_mask)
         tl.store(pm2_ptr + pidx, m2, mask=k_mask)
     else:
-        sh = tl.load(shift_ptr + offs_k, mask=k_mask, other=0.0)
-        if HAS_SCALE:
-            sc = tl.load(scale_ptr + offs_k, mask=k_mask, other=0.0)
-            y = acc * sc[None, :] + sh[None, :]
-        else:
-            y = acc + sh[None, :]
+        y = _eval_affine(acc, offs_k, k_mask, scale_ptr, shift_ptr, HAS_SCALE)
         if HAS_RES:
             y += tl.load(res_ptr + mk, mask=mask, other=0.0).to(y.dtype)
         if RELU:
@@ -244,12 +249,7 @@ def _pool_epilogue(acc, m_mask, offs_k, k_mask, img, tr, tc, PP, PQ, K, act_ptr,
     F32: tl.constexpr = act_ptr.dtype.element_ty == tl.float32
     if not F64 and not F32:
         acc = acc.to(act_ptr.dtype.element_ty).to(tl.float32)
-    sh = tl.load(shift_ptr + offs_k, mask=k_mask, other=0.0)
-    if HAS_SCALE:
-        sc = tl.load(scale_ptr + offs_k, mask=k_mask, other=0.0)
-        y = acc * sc[None, :] + sh[None, :]
-    else:
-        y = acc + sh[None, :]
+    y = _eval_affine(acc, offs_k, k_mask, scale_ptr, shift_ptr, HAS_SCALE)
     if RELU:
         y = tl.where(y < 0, 0.0, y)  # NaN stays NaN, as in torch.relu
     # (-inf selected in the accumulator dtype, then rounded: the same values, and a 16-bit
