@@ -370,7 +370,7 @@ def _spy_join(monkeypatch):
     return seen
 
 
-def _holders_case(case, join, monkeypatch):
+def _holders_case(case, join, monkeypatch, backend="reference"):
     """One forward and backward of a fork whose shortcut's gradient someone else may hold; returns
     (the tensors to compare with the join off: autograd's own sum, the trace, and a kept gradient
     with its value when it was handed out, or None)."""
@@ -382,7 +382,7 @@ def _holders_case(case, join, monkeypatch):
     t = torch.randn(x.shape, generator=gen, dtype=x.dtype).contiguous(memory_format=CL)
     xl = x.clone().requires_grad_()
     seen = []
-    with use_backend("reference"), dispatch_trace() as trace:
+    with use_backend(backend), dispatch_trace() as trace:
         if case == "module-hook":  # a fused Bottleneck whose downsample logs its input's gradient
             from torchvision.models import resnet as tvr
 
@@ -447,3 +447,19 @@ def test_fork_under_autocast_returns_the_callers_tensor():
         out, s = conv_bn_relu_fork(xb, w1, bn1["bn_weight"], bn1["bn_bias"], None, None, training=True)
     assert s is not xb and s.dtype == torch.bfloat16 and s.data_ptr() == xb.data_ptr()
     assert (FORK[0], "reference") in trace
+
+
+@needs_ext
+@pytest.mark.parametrize("case", ["sole", "another-branch", "callers-gradient", "hook-keeps-it", "module-hook"])
+def test_cpp_node_joins_in_place_only_into_a_gradient_no_one_else_holds(case, cpp_node_on_cpu, monkeypatch):
+    """The same cases on the CUDA backend's C++ node (over the CPU stand-ins): its use-count test
+    leaves every gradient someone else holds as it was handed out, and the results are autograd's
+    sum's."""
+    got, trace, kept = _holders_case(case, True, monkeypatch, backend="cuda")
+    assert ("conv_bn_train/cuda", "c++ node, fork") in trace, trace
+    want, trace0, _ = _holders_case(case, False, monkeypatch, backend="cuda")
+    assert ("conv_bn_train/cuda", "c++ node, fork") not in trace0 and len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_close(a, b, atol=1e-12, rtol=1e-12, msg=f"{case}: tensor {i}")
+    if kept is not None:
+        assert torch.equal(*kept), f"{case}: a kept gradient changed after it was handed out"
