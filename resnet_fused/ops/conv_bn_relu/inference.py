@@ -107,24 +107,34 @@ def conv_affine_act(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: O
     """Inference-only fused conv; arguments as :func:`conv_bn_relu` after :func:`fold_bn`
     (callers validate shapes: the models do so through the module structure). ``shift`` None:
     no bias (with no residual and no ReLU, the convolution alone)."""
+    return _dispatch(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, False)
+
+
+def _dispatch(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, pool):
+    """conv_affine_act's (``pool``: conv_affine_act_maxpool's) backend choice and call: the op's
+    own implementation on the eager fast path, else its custom op."""
     from .._common import conv_allows_tf32, direct_ok
 
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     allow_tf32 = conv_allows_tf32() and x.device.type == "cuda"
     key = runner = None
     if (x.device.type in _backends._SELECT_DEVICES and _backends.get_backend() == "auto") or _select.RECORDER is not None:
-        # (without a bias the candidates do different work: a signature of its own)
-        key = _select.conv_key(OP if shift is not None else OP + ":no-bias", x, weight, stride, padding, dilation,
-                               groups, residual is not None, relu, False, allow_tf32)
+        # (without a bias, or with the pool, the candidates do different work: a signature of its own)
+        key = _select.conv_key(OP + (":maxpool" if pool else "") + ("" if shift is not None else ":no-bias"), x,
+                               weight, stride, padding, dilation, groups, residual is not None, relu, False, allow_tf32)
 
         def runner(b):  # this call on backend b (a fresh output each run)
             return lambda: _run(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu,
-                                allow_tf32, b)
+                                allow_tf32, b, pool)
     backend = _backends.resolve(OP, x, key=key, runner=runner, weight=weight)
     if direct_ok(x, weight, scale, shift, residual) and not (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, scale, shift, residual))):
         # the eager fast path (see _common.direct_ok): the op's own implementation, called directly
-        return _run(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, allow_tf32, backend)
+        return _run(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, allow_tf32, backend,
+                    pool)
+    if pool:
+        return conv_affine_act_maxpool_op(x, weight, scale, shift, stride, padding, dilation, groups, relu,
+                                          allow_tf32, backend)
     return conv_affine_act_op(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, allow_tf32,
                               backend)
 
@@ -153,21 +163,4 @@ def conv_affine_act_maxpool(x: Tensor, weight: Tensor, scale: Optional[Tensor], 
     padding=1)``: the ResNet stem in inference. On the Triton backend the pool runs in the conv's
     epilogue and the conv's own output is never written; the other backends run PyTorch's pool
     after their conv. ``auto`` chooses between the two per call signature, as for the conv alone."""
-    from .._common import conv_allows_tf32, direct_ok
-
-    stride, padding, dilation = list(stride), list(padding), list(dilation)
-    allow_tf32 = conv_allows_tf32() and x.device.type == "cuda"
-    key = runner = None
-    if (x.device.type in _backends._SELECT_DEVICES and _backends.get_backend() == "auto") or _select.RECORDER is not None:
-        key = _select.conv_key(OP + ":maxpool" + ("" if shift is not None else ":no-bias"), x, weight, stride,
-                               padding, dilation, groups, False, relu, False, allow_tf32)
-
-        def runner(b):
-            return lambda: _run(x, weight, scale, shift, None, stride, padding, dilation, groups, relu, allow_tf32, b,
-                                True)
-    backend = _backends.resolve(OP, x, key=key, runner=runner, weight=weight)
-    if direct_ok(x, weight, scale, shift) and not (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, scale, shift))):
-        return _run(x, weight, scale, shift, None, stride, padding, dilation, groups, relu, allow_tf32, backend, True)
-    return conv_affine_act_maxpool_op(x, weight, scale, shift, stride, padding, dilation, groups, relu, allow_tf32,
-                                      backend)
+    return _dispatch(x, weight, scale, shift, None, stride, padding, dilation, groups, relu, True)
