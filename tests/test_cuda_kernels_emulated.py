@@ -1,5 +1,5 @@
-"""The CUDA extension's own kernels (csrc/bn_kernels.cu, csrc/add_relu_kernel.cu), run on the
-CPU: their source, with each ``kernel<<<grid, block, smem, stream>>>(args)`` rewritten as a call
+"""The CUDA extension's own kernels (csrc/bn_kernels.cu, add_relu_kernel.cu, max_pool_kernel.cu), run
+on the CPU: their source, with each ``kernel<<<grid, block, smem, stream>>>(args)`` rewritten as a call
 to the emulator's launcher, compiled by the host C++ compiler against tests/cuda_emu (a CPU
 stand-in for the few CUDA runtime pieces they use: one OS thread per CUDA thread of a block,
 __syncthreads as the block's barrier, __shared__ as statics, bf16/fp16 with round-to-nearest-even).
@@ -23,7 +23,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMU = os.path.join(ROOT, "tests", "cuda_emu")
-SOURCES = ["bn_kernels.cu", "add_relu_kernel.cu"]
+SOURCES = ["bn_kernels.cu", "add_relu_kernel.cu", "max_pool_kernel.cu"]
 _LAUNCH = re.compile(r"^(\s*)(\S.*?)<<<(.+?)>>>\(")
 
 
@@ -73,7 +73,7 @@ def emulated_lib(tmp_path_factory):
     return str(lib)
 
 
-@pytest.mark.parametrize("group", ["bn", "add_relu"])
+@pytest.mark.parametrize("group", ["bn", "add_relu", "max_pool"])
 @pytest.mark.parametrize("dtype", ["fp32", "fp64", "fp16", "bf16"])
 def test_cuda_kernels_emulated_against_float64(emulated_lib, group, dtype):
     r = subprocess.run([sys.executable, os.path.join(EMU, "check_kernels.py"), emulated_lib, group, dtype],

@@ -33,6 +33,7 @@ from .. import _select
 from ..ops._common import autocast_dtype
 from ..ops.conv_bn_relu import conv_bn_relu, conv_bn_relu_fork
 from ..ops.conv_bn_relu.inference import conv_affine_act, conv_affine_act_maxpool, fold_bn, owned_bias
+from ..ops.max_pool import max_pool2d
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "SyncBatchNorm2d", "fuse", "convert_sync_batchnorm",
            "clear_fold_cache", "set_recompute", "get_recompute", "use_recompute"]
@@ -287,10 +288,11 @@ def _conv_bn(conv, bn, x, residual, relu, fork):
 def conv_bn_maxpool(conv: nn.Conv2d, bn: nn.Module, x: Tensor, maxpool: nn.Module) -> Tensor:
     """``maxpool(relu(bn(conv(x))))`` for the stem (``maxpool`` one that _stem_pool accepts): in
     inference with the BatchNorm folded, one operator whose Triton kernel pools in its epilogue
-    (conv_affine_act_maxpool); otherwise conv_bn, then the pool module."""
+    (conv_affine_act_maxpool); otherwise (training) conv_bn, then ``functional.max_pool2d``, which
+    keeps one byte per pooled value for the backward instead of the input and an int64 index."""
     dt = _fold_dtype(conv, bn, x)
     if dt is None:
-        return maxpool(conv_bn(conv, bn, x, relu=True))
+        return max_pool2d(conv_bn(conv, bn, x, relu=True), 3, 2, 1)
     _name_layer(conv)
     w, bias = _folded(conv, bn, dt)
     return conv_affine_act_maxpool(x if x.dtype == dt else x.to(dt), w, None, bias, conv.stride, conv.padding,

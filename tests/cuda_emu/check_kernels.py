@@ -1,8 +1,8 @@
-"""Runs csrc's BatchNorm and add_relu kernels under the CPU emulation (emu.h) against float64
+"""Runs csrc's BatchNorm, add_relu and max_pool kernels under the CPU emulation (emu.h) against float64
 NumPy formulas; a child process of tests/test_cuda_kernels_emulated.py, so that a crash (say, a
 16-byte vector access on a misaligned pointer) fails one test instead of the whole run.
 
-    python check_kernels.py LIB {bn,add_relu} {fp32,fp64,fp16,bf16}
+    python check_kernels.py LIB {bn,add_relu,max_pool} {fp32,fp64,fp16,bf16}
 
 Prints one line per checked case and exits 1 at the first mismatch.
 """
@@ -80,6 +80,10 @@ def main():
         a = alloc(M * K, dt, misaligned)
         a[:] = to_storage(v, dt)
         return a, values(a, dt).reshape(M, K)
+
+    if group == "max_pool":
+        check_max_pool(lib, dt, rng, tol)
+        return
 
     if group == "add_relu":
         for n, mis, sms in itertools.product([1, 7, 8, 9, 255, 4099], [False, True], [1, 3]):
@@ -225,6 +229,72 @@ def main():
         om = values(outm, dt).reshape(M, K)
         check(sums[True][3].reshape(M, K), np.where(om <= 0, 0.0, gv), tol, "gres, mask from z")
         print(f"ok bn {dt} M={M} K={K} misaligned={mis}", flush=True)
+
+
+def pool_reference(xv, k, s, p):
+    """max_pool2d over NHWC float64 values as PyTorch chooses: (kh, kw) order, greater or NaN
+    replaces, the first element inside the input starts; -> (out, code)."""
+    N, H, W, C = xv.shape
+    P, Q = (H + 2 * p[0] - k[0]) // s[0] + 1, (W + 2 * p[1] - k[1]) // s[1] + 1
+    out, code = np.empty((N, P, Q, C)), np.full((N, P, Q, C), -1, np.int64)
+    for pi, qi in itertools.product(range(P), range(Q)):
+        best = np.full((N, C), -np.inf)
+        kc = np.full((N, C), -1, np.int64)
+        for kh, kw in itertools.product(range(k[0]), range(k[1])):
+            h, w = pi * s[0] - p[0] + kh, qi * s[1] - p[1] + kw
+            if 0 <= h < H and 0 <= w < W:
+                v = xv[:, h, w, :]
+                take = (kc < 0) | (v > best) | np.isnan(v)
+                best, kc = np.where(take, v, best), np.where(take, kh * k[1] + kw, kc)
+        out[:, pi, qi], code[:, pi, qi] = best, kc
+    return out, code
+
+
+def check_max_pool(lib, dt, rng, tol):
+    i64 = ctypes.c_int64
+    cases = [((2, 9, 10, 8), (3, 3), (2, 2), (1, 1)), ((1, 7, 7, 3), (3, 3), (2, 2), (1, 1)),
+             ((2, 12, 11, 16), (2, 2), (2, 2), (0, 0)), ((1, 6, 9, 24), (3, 2), (1, 2), (1, 0)),
+             ((3, 5, 5, 5), (1, 1), (1, 1), (0, 0)), ((1, 16, 16, 64), (3, 3), (2, 2), (1, 1)),
+             ((2, 4, 6, 40), (2, 3), (2, 1), (1, 1)), ((1, 3, 3, 2), (3, 3), (3, 3), (1, 1))]
+    for (shape, k, s, p), mis in itertools.product(cases, [False, True]):
+        N, H, W, C = shape
+        P, Q = (H + 2 * p[0] - k[0]) // s[0] + 1, (W + 2 * p[1] - k[1]) // s[1] + 1
+        n_in, n_out = N * H * W * C, N * P * Q * C
+        x = alloc(n_in, dt, mis)
+        v = np.round(rng.standard_normal(n_in) * 4) / 4  # ties within windows
+        v[::13], v[5::17] = np.nan, -np.inf
+        if shape == (1, 7, 7, 3):
+            v[:3 * 7 * 3] = -np.inf  # rows 0-2: the first row of windows holds -inf alone
+        x[:] = to_storage(v, dt)
+        xv = values(x, dt).reshape(N, H, W, C)
+        out = alloc(n_out, dt, mis)
+        raw = np.full(n_out + 17, 77, np.uint8)
+        code = raw[(-raw.ctypes.data) % 16 + (1 if mis else 0):][:n_out]
+        geo = [i64(N), i64(H), i64(W), i64(C), i64(P), i64(Q), k[0], k[1], s[0], s[1], p[0], p[1], DT[dt]]
+        assert lib.emu_max_pool_fwd(ptr(x), ptr(out), ptr(code), *geo) == 0
+        want, want_code = pool_reference(xv, k, s, p)
+        what = f"max_pool {shape} k={k} s={s} p={p} misaligned={mis}"
+        got = values(out, dt).reshape(N, P, Q, C)
+        if not np.array_equal(got, want, equal_nan=True):
+            print(f"FAIL forward {what}", flush=True)
+            sys.exit(1)
+        if not np.array_equal(code.reshape(N, P, Q, C), want_code):
+            print(f"FAIL code {what}", flush=True)
+            sys.exit(1)
+        # backward: each pooled gradient to its window's chosen pixel, summed where windows overlap
+        g = alloc(n_out, dt, mis)
+        g[:] = to_storage(rng.standard_normal(n_out), dt)
+        gv = values(g, dt).reshape(N, P, Q, C)
+        dx = alloc(n_in, dt, mis)
+        assert lib.emu_max_pool_bwd(ptr(g), ptr(code), ptr(dx), *geo) == 0
+        ref = np.zeros((N, H, W, C))
+        n_i, c_i = np.meshgrid(np.arange(N), np.arange(C), indexing="ij")
+        for pi, qi in itertools.product(range(P), range(Q)):
+            kc = want_code[:, pi, qi]
+            h, w = pi * s[0] - p[0] + kc // k[1], qi * s[1] - p[1] + kc % k[1]
+            np.add.at(ref, (n_i, h, w, c_i), gv[:, pi, qi])
+        check(values(dx, dt).reshape(N, H, W, C), rounded(ref, dt), tol, f"backward {what}")
+        print(f"ok max_pool {dt} {shape} k={k} s={s} p={p} misaligned={mis}", flush=True)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,16 @@ int emu_bn_bwd_apply(const void* g, const void* out, const void* z, const void* 
   return launch_bn_bwd_apply(g, out, z, mean, invstd, a, b, c, dz, gres, M, K, relu != 0, DType(dt), nullptr, msc,
                              msh);
 }
+int emu_max_pool_fwd(const void* x, void* out, void* code, int64_t N, int64_t H, int64_t W, int64_t C, int64_t P,
+                     int64_t Q, int kh, int kw, int sh, int sw, int ph, int pw, int dt) {
+  const int k[2] = {kh, kw}, s[2] = {sh, sw}, p[2] = {ph, pw};
+  return launch_max_pool_fwd(x, out, code, N, H, W, C, P, Q, k, s, p, DType(dt), nullptr);
+}
+int emu_max_pool_bwd(const void* g, const void* code, void* dx, int64_t N, int64_t H, int64_t W, int64_t C, int64_t P,
+                     int64_t Q, int kh, int kw, int sh, int sw, int ph, int pw, int dt) {
+  const int k[2] = {kh, kw}, s[2] = {sh, sw}, p[2] = {ph, pw};
+  return launch_max_pool_bwd(g, code, dx, N, H, W, C, P, Q, k, s, p, DType(dt), nullptr);
+}
 int emu_add_relu(const void* x, const void* r, void* out, int64_t n, int dt) {
   return launch_add_relu(x, r, out, n, DType(dt), nullptr);
 }

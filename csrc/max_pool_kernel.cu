@@ -1,0 +1,217 @@
+// Max pooling over NHWC activations with a one-byte argmax: the forward writes the pooled values
+// and, per pooled value, the position of its maximum inside the window (kh * KW + kw, one byte);
+// the backward gathers: each input pixel sums the gradients of the windows whose maximum it is
+// (at most ceil(KH / SH) * ceil(KW / SW) of them), so it writes every input gradient once, with no
+// zero-fill and no atomics. 16-byte channel packs where the channels and pointers allow.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "launchers.h"
+
+namespace resnet_fused {
+namespace {
+
+template <typename T> struct Acc { using type = T; };
+template <> struct Acc<__half> { using type = float; };
+template <> struct Acc<__nv_bfloat16> { using type = float; };
+
+template <typename T> __device__ __forceinline__ typename Acc<T>::type up(T v) { return v; }
+template <> __device__ __forceinline__ float up(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float up(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T down(typename Acc<T>::type v) { return v; }
+template <> __device__ __forceinline__ __half down<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 down<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// V consecutive values, loaded and stored as one access of V * sizeof(E) bytes
+template <typename E, int V>
+struct alignas(V * sizeof(E)) Pack {
+  E v[V];
+};
+
+struct Geometry {
+  int64_t N, H, W, C, P, Q;
+  int KH, KW, SH, SW, PH, PW;
+};
+
+// One thread per (pooled pixel, pack of V channels), grid-stride. As PyTorch's max_pool2d: the
+// window's elements in (kh, kw) order, a value replaces the maximum when it is greater or NaN (the
+// first of equal maxima is kept; NaN propagates), and the first element inside the input is the
+// maximum to begin with (so a window of -inf points at it).
+template <typename T, int V>
+__global__ void max_pool_fwd_kernel(const T* __restrict__ x, T* __restrict__ out, uint8_t* __restrict__ code,
+                                    Geometry g) {
+  using A = typename Acc<T>::type;
+  const int64_t CV = g.C / V;
+  const int64_t items = g.N * g.P * g.Q * CV;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < items;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = (i % CV) * V;
+    int64_t pix = i / CV;
+    const int64_t q = pix % g.Q;
+    pix /= g.Q;
+    const int64_t p = pix % g.P;
+    const int64_t n = pix / g.P;
+    const int64_t h0 = p * g.SH - g.PH, w0 = q * g.SW - g.PW;
+    A best[V];
+    int k_best[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) k_best[j] = -1;
+    for (int kh = 0; kh < g.KH; ++kh) {
+      const int64_t h = h0 + kh;
+      if (h < 0 || h >= g.H) continue;
+      for (int kw = 0; kw < g.KW; ++kw) {
+        const int64_t w = w0 + kw;
+        if (w < 0 || w >= g.W) continue;
+        const Pack<T, V> v = *reinterpret_cast<const Pack<T, V>*>(x + ((n * g.H + h) * g.W + w) * g.C + c);
+        const int k = kh * g.KW + kw;
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const A a = up(v.v[j]);
+          // (a != a: NaN)
+          if (k_best[j] < 0 || a > best[j] || a != a) {
+            best[j] = a;
+            k_best[j] = k;
+          }
+        }
+      }
+    }
+    Pack<T, V> o;
+    Pack<uint8_t, V> kc;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      o.v[j] = down<T>(best[j]);
+      kc.v[j] = static_cast<uint8_t>(k_best[j]);
+    }
+    const int64_t at = ((n * g.P + p) * g.Q + q) * g.C + c;
+    *reinterpret_cast<Pack<T, V>*>(out + at) = o;
+    *reinterpret_cast<Pack<uint8_t, V>*>(code + at) = kc;
+  }
+}
+
+// One thread per (input pixel, pack of V channels): the sum, in fp32 for 16-bit types (in the
+// windows' (p, q) order, as PyTorch's NHWC backward), of the gradients of the windows that contain
+// the pixel and chose it; written once.
+template <typename T, int V>
+__global__ void max_pool_bwd_kernel(const T* __restrict__ grad, const uint8_t* __restrict__ code, T* __restrict__ dx,
+                                    Geometry g) {
+  using A = typename Acc<T>::type;
+  const int64_t CV = g.C / V;
+  const int64_t items = g.N * g.H * g.W * CV;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < items;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = (i % CV) * V;
+    int64_t pix = i / CV;
+    const int64_t w = pix % g.W;
+    pix /= g.W;
+    const int64_t h = pix % g.H;
+    const int64_t n = pix / g.H;
+    // the windows containing (h, w): p * SH - PH <= h <= p * SH - PH + KH - 1
+    const int64_t hp = h + g.PH, wp = w + g.PW;
+    const int64_t p_lo = hp < g.KH ? 0 : (hp - g.KH) / g.SH + 1;
+    const int64_t p_hi = hp / g.SH < g.P - 1 ? hp / g.SH : g.P - 1;
+    const int64_t q_lo = wp < g.KW ? 0 : (wp - g.KW) / g.SW + 1;
+    const int64_t q_hi = wp / g.SW < g.Q - 1 ? wp / g.SW : g.Q - 1;
+    A acc[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) acc[j] = A(0);
+    for (int64_t p = p_lo; p <= p_hi; ++p) {
+      for (int64_t q = q_lo; q <= q_hi; ++q) {
+        const int k = static_cast<int>((hp - p * g.SH) * g.KW + (wp - q * g.SW));
+        const int64_t at = ((n * g.P + p) * g.Q + q) * g.C + c;
+        const Pack<uint8_t, V> kc = *reinterpret_cast<const Pack<uint8_t, V>*>(code + at);
+        const Pack<T, V> gv = *reinterpret_cast<const Pack<T, V>*>(grad + at);
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          if (kc.v[j] == k) acc[j] += up(gv.v[j]);
+      }
+    }
+    Pack<T, V> o;
+#pragma unroll
+    for (int j = 0; j < V; ++j) o.v[j] = down<T>(acc[j]);
+    *reinterpret_cast<Pack<T, V>*>(dx + ((n * g.H + h) * g.W + w) * g.C + c) = o;
+  }
+}
+
+int64_t blocks_for(int64_t items, int threads) {
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  int64_t blocks = (items + threads - 1) / threads;
+  // enough blocks to fill every SM several times over; the grid-stride loop does the rest
+  const int64_t cap = static_cast<int64_t>(sms > 0 ? sms : 128) * 16;
+  if (blocks > cap) blocks = cap;
+  return blocks < 1 ? 1 : blocks;
+}
+
+// 16-byte packs (and code packs of 16 / sizeof(T) bytes) where C and every pointer allow, else one channel
+// per thread.
+template <typename T>
+cudaError_t fwd_typed(const void* x, void* out, void* code, const Geometry& g, cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T);
+  constexpr int threads = 256;
+  const bool vec = g.C % V == 0 && ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(out)) % 16) == 0 &&
+                   reinterpret_cast<uintptr_t>(code) % V == 0;
+  const int64_t items = g.N * g.P * g.Q * (vec ? g.C / V : g.C);
+  const unsigned blocks = static_cast<unsigned>(blocks_for(items, threads));
+  if (vec)
+    max_pool_fwd_kernel<T, V><<<blocks, threads, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(out),
+                                                              static_cast<uint8_t*>(code), g);
+  else
+    max_pool_fwd_kernel<T, 1><<<blocks, threads, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(out),
+                                                              static_cast<uint8_t*>(code), g);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t bwd_typed(const void* grad, const void* code, void* dx, const Geometry& g, cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T);
+  constexpr int threads = 256;
+  const bool vec = g.C % V == 0 && ((reinterpret_cast<uintptr_t>(grad) | reinterpret_cast<uintptr_t>(dx)) % 16) == 0 &&
+                   reinterpret_cast<uintptr_t>(code) % V == 0;
+  const int64_t items = g.N * g.H * g.W * (vec ? g.C / V : g.C);
+  const unsigned blocks = static_cast<unsigned>(blocks_for(items, threads));
+  if (vec)
+    max_pool_bwd_kernel<T, V><<<blocks, threads, 0, stream>>>(static_cast<const T*>(grad),
+                                                              static_cast<const uint8_t*>(code), static_cast<T*>(dx), g);
+  else
+    max_pool_bwd_kernel<T, 1><<<blocks, threads, 0, stream>>>(static_cast<const T*>(grad),
+                                                              static_cast<const uint8_t*>(code), static_cast<T*>(dx), g);
+  return cudaGetLastError();
+}
+
+Geometry geometry(int64_t N, int64_t H, int64_t W, int64_t C, int64_t P, int64_t Q, const int* k, const int* s,
+                  const int* pad) {
+  return Geometry{N, H, W, C, P, Q, k[0], k[1], s[0], s[1], pad[0], pad[1]};
+}
+
+}  // namespace
+
+cudaError_t launch_max_pool_fwd(const void* x, void* out, void* code, int64_t N, int64_t H, int64_t W, int64_t C,
+                                int64_t P, int64_t Q, const int* kernel, const int* stride, const int* padding,
+                                DType dtype, cudaStream_t stream) {
+  const Geometry g = geometry(N, H, W, C, P, Q, kernel, stride, padding);
+  if (N * P * Q * C == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::Float32: return fwd_typed<float>(x, out, code, g, stream);
+    case DType::Float64: return fwd_typed<double>(x, out, code, g, stream);
+    case DType::Float16: return fwd_typed<__half>(x, out, code, g, stream);
+    case DType::BFloat16: return fwd_typed<__nv_bfloat16>(x, out, code, g, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_max_pool_bwd(const void* grad, const void* code, void* dx, int64_t N, int64_t H, int64_t W,
+                                int64_t C, int64_t P, int64_t Q, const int* kernel, const int* stride,
+                                const int* padding, DType dtype, cudaStream_t stream) {
+  const Geometry g = geometry(N, H, W, C, P, Q, kernel, stride, padding);
+  if (N * H * W * C == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::Float32: return bwd_typed<float>(grad, code, dx, g, stream);
+    case DType::Float64: return bwd_typed<double>(grad, code, dx, g, stream);
+    case DType::Float16: return bwd_typed<__half>(grad, code, dx, g, stream);
+    case DType::BFloat16: return bwd_typed<__nv_bfloat16>(grad, code, dx, g, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace resnet_fused
