@@ -428,6 +428,7 @@ def bench_ops(args, device, env, rows, progress):
             if "stem" in L.name:
                 _bench_stem_maxpool(args, device, env, rows, progress, L, x, w, gamma, beta, rm, rv, batch, dtype, dname,
                                     backends, peak_tf, peak_gb)
+                _bench_max_pool(args, device, env, rows, progress, L, batch, dtype, dname, backends, peak_tf, peak_gb)
 
 
 def _bench_stem_maxpool(args, device, env, rows, progress, L, x, w, gamma, beta, rm, rv, batch, dtype, dname, backends,
@@ -476,6 +477,54 @@ def _bench_stem_maxpool(args, device, env, rows, progress, L, x, w, gamma, beta,
                     row["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
             rows.append(row)
             progress.update(1)
+
+
+def _bench_max_pool(args, device, env, rows, progress, L, batch, dtype, dname, backends, peak_tf, peak_gb):
+    """The stem's pool in training (docs/perf.md lead 16): F.max_pool2d (int64 indices; its backward
+    zero-fills and scatters) against functional.max_pool2d (one-byte window positions; a gathering
+    backward), on the stem's ReLU output. Bytes: the input read and the output written once (and in
+    the backward the output's gradient read and the input's written once)."""
+    from resnet_fused.functional import max_pool2d
+
+    g = torch.Generator(device="cpu").manual_seed(1)
+    a = torch.randn(batch, L.K, L.P, L.P, generator=g).relu().to(device, dtype).to(memory_format=torch.channels_last)
+    PP = (L.P - 1) // 2 + 1
+    nbytes = a.element_size() * batch * L.K * (L.P * L.P + PP * PP)
+    for mode in ("fwd", "fwd-bwd"):
+        for impl in ["eager"] + [f"fused-{k}" for k in backends]:
+            progress.set_description(f"op max_pool2d {L.name} {mode} {impl}")
+            fn = (lambda t: F.max_pool2d(t, 3, 2, 1)) if impl == "eager" else (lambda t: max_pool2d(t, 3, 2, 1))
+            ctx = resnet_fused.use_backend(impl.split("-")[1]) if impl != "eager" else _null()
+            with ctx:
+                if mode == "fwd-bwd":
+                    pa = a.detach().requires_grad_()
+                    go = torch.randn(batch, L.K, PP, PP, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+                    step = lambda fn=fn, pa=pa, go=go: torch.autograd.grad(fn(pa), (pa,), go)  # noqa: E731
+                else:
+                    step = lambda fn=fn: fn(a)  # noqa: E731
+                status = "ok"
+                if impl != "eager":
+                    pa_, pb_ = a.detach().requires_grad_(), a.detach().requires_grad_()
+                    go_ = torch.randn(batch, L.K, PP, PP, device=device, dtype=dtype)
+                    ours_, ref_ = fn(pa_), F.max_pool2d(pb_, 3, 2, 1)
+                    if not torch.equal(ours_, ref_):
+                        status = "failed: differs from F.max_pool2d"
+                    else:
+                        (g1,), (g2,) = torch.autograd.grad(ours_, (pa_,), go_), torch.autograd.grad(ref_, (pb_,), go_)
+                        err = ((g1.float() - g2.float()).abs().max() / (g2.float().abs().max() + 1e-6)).item()
+                        if not err <= 1e-2:
+                            status = f"failed: gradient {err:.3g} relative error vs F.max_pool2d"
+                row = dict(env, layer=f"{L.name} pool", op="max_pool2d", mode=mode, dtype=dname, batch=batch,
+                           impl=impl, status=status, peak_tflops=_r1(peak_tf), peak_gbps=_r1(peak_gb))
+                if status == "ok":
+                    times, timing, call_med = time_op(step, device, args, f"max_pool2d {L.name} {mode} {impl}")
+                    med, p20, p80 = quantiles(times)
+                    moved = nbytes * (2 if mode == "fwd-bwd" else 1)
+                    row.update(ms_median=round(med, 4), ms_p20=round(p20, 4), ms_p80=round(p80, 4), tflops=0.0,
+                               gbps=round(moved / (med / 1e3) / 1e9, 1), timing=timing,
+                               call_ms_median=round(call_med, 4))
+                rows.append(row)
+                progress.update(1)
 
 
 def _bench_add_relu(args, device, env, rows, progress, L, batch, dtype, dname, backends, peak_tf, peak_gb):
@@ -757,7 +806,7 @@ def main(argv=None):
     layers = SMOKE if args.smoke else RESNET50
     n_impl = len(OP_BASE_IMPLS) + (1 if cpu else len([b for b in ("triton", "cuda") if b in resnet_fused.available_backends()]))
     n_ops = 0 if args.no_ops else ((len(layers) * 3 + sum(L.residual for L in layers) * 2) * n_impl
-                                   + sum("stem" in L.name for L in layers) * (n_impl - 1)) * len(args.dtypes)
+                                   + sum("stem" in L.name for L in layers) * (n_impl - 1) * 3) * len(args.dtypes)
     progress = tqdm(total=n_models + n_ops, dynamic_ncols=True) if tqdm else _NoBar()
     model_rows, op_rows, explains = [], [], []
     if not args.no_models:

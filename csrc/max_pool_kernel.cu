@@ -36,11 +36,14 @@ struct Geometry {
 // One thread per (pooled pixel, pack of V channels), grid-stride. As PyTorch's max_pool2d: the
 // window's elements in (kh, kw) order, a value replaces the maximum when it is greater or NaN (the
 // first of equal maxima is kept; NaN propagates), and the first element inside the input is the
-// maximum to begin with (so a window of -inf points at it).
-template <typename T, int V>
+// maximum to begin with (so a window of -inf points at it). FK / FS: the window and stride fixed at
+// compile time (the stem's 3 / 2: loops unrolled, every load of the window issued at once), 0: read
+// from g.
+template <typename T, int V, int FK, int FS>
 __global__ void max_pool_fwd_kernel(const T* __restrict__ x, T* __restrict__ out, uint8_t* __restrict__ code,
                                     Geometry g) {
   using A = typename Acc<T>::type;
+  const int KH = FK ? FK : g.KH, KW = FK ? FK : g.KW, SH = FS ? FS : g.SH, SW = FS ? FS : g.SW;
   const int64_t CV = g.C / V;
   const int64_t items = g.N * g.P * g.Q * CV;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < items;
@@ -51,27 +54,46 @@ __global__ void max_pool_fwd_kernel(const T* __restrict__ x, T* __restrict__ out
     pix /= g.Q;
     const int64_t p = pix % g.P;
     const int64_t n = pix / g.P;
-    const int64_t h0 = p * g.SH - g.PH, w0 = q * g.SW - g.PW;
+    const int64_t h0 = p * SH - g.PH, w0 = q * SW - g.PW;
     A best[V];
     int k_best[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) k_best[j] = -1;
-    for (int kh = 0; kh < g.KH; ++kh) {
-      const int64_t h = h0 + kh;
-      if (h < 0 || h >= g.H) continue;
-      for (int kw = 0; kw < g.KW; ++kw) {
-        const int64_t w = w0 + kw;
-        if (w < 0 || w >= g.W) continue;
-        const Pack<T, V> v = *reinterpret_cast<const Pack<T, V>*>(x + ((n * g.H + h) * g.W + w) * g.C + c);
-        const int k = kh * g.KW + kw;
+    auto consider = [&](const Pack<T, V>& v, int k) {
 #pragma unroll
-        for (int j = 0; j < V; ++j) {
-          const A a = up(v.v[j]);
-          // (a != a: NaN)
-          if (k_best[j] < 0 || a > best[j] || a != a) {
-            best[j] = a;
-            k_best[j] = k;
-          }
+      for (int j = 0; j < V; ++j) {
+        const A a = up(v.v[j]);
+        // (a != a: NaN)
+        if (k_best[j] < 0 || a > best[j] || a != a) {
+          best[j] = a;
+          k_best[j] = k;
+        }
+      }
+    };
+    auto at_in = [&](int64_t h, int64_t w) { return x + ((n * g.H + h) * g.W + w) * g.C + c; };
+    if constexpr (FK > 0) {
+      // every load of the window first, from clamped addresses (always inside x), then the compares of
+      // the ones inside the input: FK * FK independent loads in flight per thread
+      Pack<T, V> v[FK * FK];
+#pragma unroll
+      for (int k = 0; k < FK * FK; ++k) {
+        const int64_t h = h0 + k / FK, w = w0 + k % FK;
+        v[k] = *reinterpret_cast<const Pack<T, V>*>(
+            at_in(h < 0 ? 0 : (h >= g.H ? g.H - 1 : h), w < 0 ? 0 : (w >= g.W ? g.W - 1 : w)));
+      }
+#pragma unroll
+      for (int k = 0; k < FK * FK; ++k) {
+        const int64_t h = h0 + k / FK, w = w0 + k % FK;
+        if (h >= 0 && h < g.H && w >= 0 && w < g.W) consider(v[k], k);
+      }
+    } else {
+      for (int kh = 0; kh < KH; ++kh) {
+        const int64_t h = h0 + kh;
+        if (h < 0 || h >= g.H) continue;
+        for (int kw = 0; kw < KW; ++kw) {
+          const int64_t w = w0 + kw;
+          if (w < 0 || w >= g.W) continue;
+          consider(*reinterpret_cast<const Pack<T, V>*>(at_in(h, w)), kh * KW + kw);
         }
       }
     }
@@ -90,11 +112,14 @@ __global__ void max_pool_fwd_kernel(const T* __restrict__ x, T* __restrict__ out
 
 // One thread per (input pixel, pack of V channels): the sum, in fp32 for 16-bit types (in the
 // windows' (p, q) order, as PyTorch's NHWC backward), of the gradients of the windows that contain
-// the pixel and chose it; written once.
-template <typename T, int V>
+// the pixel and chose it; written once. The candidate windows per dimension are the NP = ceil(KH / SH)
+// ones ending at p = (h + PH) / SH (each checked against the edges and the window's extent).
+template <typename T, int V, int FK, int FS>
 __global__ void max_pool_bwd_kernel(const T* __restrict__ grad, const uint8_t* __restrict__ code, T* __restrict__ dx,
                                     Geometry g) {
   using A = typename Acc<T>::type;
+  const int KH = FK ? FK : g.KH, KW = FK ? FK : g.KW, SH = FS ? FS : g.SH, SW = FS ? FS : g.SW;
+  const int NP = (KH + SH - 1) / SH, NQ = (KW + SW - 1) / SW;
   const int64_t CV = g.C / V;
   const int64_t items = g.N * g.H * g.W * CV;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < items;
@@ -105,24 +130,50 @@ __global__ void max_pool_bwd_kernel(const T* __restrict__ grad, const uint8_t* _
     pix /= g.W;
     const int64_t h = pix % g.H;
     const int64_t n = pix / g.H;
-    // the windows containing (h, w): p * SH - PH <= h <= p * SH - PH + KH - 1
     const int64_t hp = h + g.PH, wp = w + g.PW;
-    const int64_t p_lo = hp < g.KH ? 0 : (hp - g.KH) / g.SH + 1;
-    const int64_t p_hi = hp / g.SH < g.P - 1 ? hp / g.SH : g.P - 1;
-    const int64_t q_lo = wp < g.KW ? 0 : (wp - g.KW) / g.SW + 1;
-    const int64_t q_hi = wp / g.SW < g.Q - 1 ? wp / g.SW : g.Q - 1;
     A acc[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) acc[j] = A(0);
-    for (int64_t p = p_lo; p <= p_hi; ++p) {
-      for (int64_t q = q_lo; q <= q_hi; ++q) {
-        const int k = static_cast<int>((hp - p * g.SH) * g.KW + (wp - q * g.SW));
-        const int64_t at = ((n * g.P + p) * g.Q + q) * g.C + c;
-        const Pack<uint8_t, V> kc = *reinterpret_cast<const Pack<uint8_t, V>*>(code + at);
-        const Pack<T, V> gv = *reinterpret_cast<const Pack<T, V>*>(grad + at);
+    if constexpr (FK > 0) {
+      // the NP * NQ candidate windows' loads first, from clamped addresses, then the sums of the valid ones
+      constexpr int NPF = (FK + FS - 1) / FS;
+      Pack<uint8_t, V> kc[NPF * NPF];
+      Pack<T, V> gv[NPF * NPF];
+      bool ok[NPF * NPF];
+      int kk[NPF * NPF];
+#pragma unroll
+      for (int a = 0; a < NPF * NPF; ++a) {
+        const int64_t p = hp / FS - (NPF - 1 - a / NPF), q = wp / FS - (NPF - 1 - a % NPF);  // ascending (p, q)
+        const int64_t kh = hp - p * FS, kw = wp - q * FS;
+        ok[a] = p >= 0 && p < g.P && kh < FK && q >= 0 && q < g.Q && kw < FK;
+        kk[a] = static_cast<int>(kh * FK + kw);
+        const int64_t at = ((n * g.P + (p < 0 ? 0 : (p >= g.P ? g.P - 1 : p))) * g.Q +
+                            (q < 0 ? 0 : (q >= g.Q ? g.Q - 1 : q))) * g.C + c;
+        kc[a] = *reinterpret_cast<const Pack<uint8_t, V>*>(code + at);
+        gv[a] = *reinterpret_cast<const Pack<T, V>*>(grad + at);
+      }
+#pragma unroll
+      for (int a = 0; a < NPF * NPF; ++a)
 #pragma unroll
         for (int j = 0; j < V; ++j)
-          if (kc.v[j] == k) acc[j] += up(gv.v[j]);
+          if (ok[a] && kc[a].v[j] == kk[a]) acc[j] += up(gv[a].v[j]);
+    } else {
+      for (int a = 0; a < NP; ++a) {
+        const int64_t p = hp / SH - (NP - 1 - a);  // ascending p
+        const int64_t kh = hp - p * SH;
+        if (p < 0 || p >= g.P || kh >= KH) continue;
+        for (int b = 0; b < NQ; ++b) {
+          const int64_t q = wp / SW - (NQ - 1 - b);
+          const int64_t kw = wp - q * SW;
+          if (q < 0 || q >= g.Q || kw >= KW) continue;
+          const int k = static_cast<int>(kh * KW + kw);
+          const int64_t at = ((n * g.P + p) * g.Q + q) * g.C + c;
+          const Pack<uint8_t, V> kc = *reinterpret_cast<const Pack<uint8_t, V>*>(code + at);
+          const Pack<T, V> gv = *reinterpret_cast<const Pack<T, V>*>(grad + at);
+#pragma unroll
+          for (int j = 0; j < V; ++j)
+            if (kc.v[j] == k) acc[j] += up(gv.v[j]);
+        }
       }
     }
     Pack<T, V> o;
@@ -143,39 +194,52 @@ int64_t blocks_for(int64_t items, int threads) {
   return blocks < 1 ? 1 : blocks;
 }
 
-// 16-byte packs (and code packs of 16 / sizeof(T) bytes) where C and every pointer allow, else one channel
-// per thread.
+bool stem_window(const Geometry& g) { return g.KH == 3 && g.KW == 3 && g.SH == 2 && g.SW == 2; }
+
+// 16-byte packs (and code packs of 16 / sizeof(T) bytes) where C and every pointer allow, else one
+// channel per thread; the stem's 3x3 / 2 window compiled as constants, any other read at run time.
+template <typename T, int V, int FK, int FS>
+void fwd_launch(const void* x, void* out, void* code, const Geometry& g, cudaStream_t stream) {
+  constexpr int threads = 256;
+  const unsigned blocks = static_cast<unsigned>(blocks_for(g.N * g.P * g.Q * (g.C / V), threads));
+  max_pool_fwd_kernel<T, V, FK, FS><<<blocks, threads, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(out),
+                                                                    static_cast<uint8_t*>(code), g);
+}
+
+template <typename T, int V, int FK, int FS>
+void bwd_launch(const void* grad, const void* code, void* dx, const Geometry& g, cudaStream_t stream) {
+  constexpr int threads = 256;
+  const unsigned blocks = static_cast<unsigned>(blocks_for(g.N * g.H * g.W * (g.C / V), threads));
+  max_pool_bwd_kernel<T, V, FK, FS><<<blocks, threads, 0, stream>>>(
+      static_cast<const T*>(grad), static_cast<const uint8_t*>(code), static_cast<T*>(dx), g);
+}
+
+template <typename T>
+bool packs(const Geometry& g, const void* a, const void* b, const void* code) {
+  constexpr int V = 16 / sizeof(T);
+  return g.C % V == 0 && ((reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b)) % 16) == 0 &&
+         reinterpret_cast<uintptr_t>(code) % V == 0;
+}
+
 template <typename T>
 cudaError_t fwd_typed(const void* x, void* out, void* code, const Geometry& g, cudaStream_t stream) {
   constexpr int V = 16 / sizeof(T);
-  constexpr int threads = 256;
-  const bool vec = g.C % V == 0 && ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(out)) % 16) == 0 &&
-                   reinterpret_cast<uintptr_t>(code) % V == 0;
-  const int64_t items = g.N * g.P * g.Q * (vec ? g.C / V : g.C);
-  const unsigned blocks = static_cast<unsigned>(blocks_for(items, threads));
-  if (vec)
-    max_pool_fwd_kernel<T, V><<<blocks, threads, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(out),
-                                                              static_cast<uint8_t*>(code), g);
-  else
-    max_pool_fwd_kernel<T, 1><<<blocks, threads, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(out),
-                                                              static_cast<uint8_t*>(code), g);
+  const bool vec = packs<T>(g, x, out, code), stem = stem_window(g);
+  if (vec && stem) fwd_launch<T, V, 3, 2>(x, out, code, g, stream);
+  else if (vec) fwd_launch<T, V, 0, 0>(x, out, code, g, stream);
+  else if (stem) fwd_launch<T, 1, 3, 2>(x, out, code, g, stream);
+  else fwd_launch<T, 1, 0, 0>(x, out, code, g, stream);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t bwd_typed(const void* grad, const void* code, void* dx, const Geometry& g, cudaStream_t stream) {
   constexpr int V = 16 / sizeof(T);
-  constexpr int threads = 256;
-  const bool vec = g.C % V == 0 && ((reinterpret_cast<uintptr_t>(grad) | reinterpret_cast<uintptr_t>(dx)) % 16) == 0 &&
-                   reinterpret_cast<uintptr_t>(code) % V == 0;
-  const int64_t items = g.N * g.H * g.W * (vec ? g.C / V : g.C);
-  const unsigned blocks = static_cast<unsigned>(blocks_for(items, threads));
-  if (vec)
-    max_pool_bwd_kernel<T, V><<<blocks, threads, 0, stream>>>(static_cast<const T*>(grad),
-                                                              static_cast<const uint8_t*>(code), static_cast<T*>(dx), g);
-  else
-    max_pool_bwd_kernel<T, 1><<<blocks, threads, 0, stream>>>(static_cast<const T*>(grad),
-                                                              static_cast<const uint8_t*>(code), static_cast<T*>(dx), g);
+  const bool vec = packs<T>(g, grad, dx, code), stem = stem_window(g);
+  if (vec && stem) bwd_launch<T, V, 3, 2>(grad, code, dx, g, stream);
+  else if (vec) bwd_launch<T, V, 0, 0>(grad, code, dx, g, stream);
+  else if (stem) bwd_launch<T, 1, 3, 2>(grad, code, dx, g, stream);
+  else bwd_launch<T, 1, 0, 0>(grad, code, dx, g, stream);
   return cudaGetLastError();
 }
 

@@ -16,6 +16,11 @@
 #                  eager), the training step under torch.compile(mode="reduce-overhead") (CUDA
 #                  graphs) for eager and fused models, and the training-step profiles
 #   STAGE=extra    compute-sanitizer (memcheck, racecheck) and the 100-step bf16 curves
+#   STAGE=gputests the tests marked gpu alone (every CUDA case, no CPU-only test), as time allows
+# A session now gets 15 minutes of device time, its machine's start included (README of the device
+# tool): call 1 STAGE=numbers (timeout_s 600), then at once, on the still-warm machine (it keeps the
+# build and Triton's cache for 30 s), call 2 STAGE=gputests BUDGET=<what is left, minus a minute>.
+# The other stages are for later sessions, one call each.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -126,7 +131,8 @@ if [ "$STAGE" = host ]; then  # docs/perf.md lead 9
   head -1 "$P/prof_fused-cuda_train_nojoin.log"
 fi
 
-if [ "$STAGE" = suite ] || [ "$STAGE" = infer ]; then
+if [ "$STAGE" = gputests ]; then TEST_ARGS=${TEST_ARGS:-"-m gpu tests"}; fi
+if [ "$STAGE" = suite ] || [ "$STAGE" = infer ] || [ "$STAGE" = gputests ]; then
   # -v: a run stopped at its deadline still names every test that finished; --timeout: a hung
   # test fails with its traceback instead of eating the call
   par=""; python3 -c "import xdist" 2>/dev/null && par="-n ${TEST_WORKERS:-12} --dist worksteal"

@@ -24,6 +24,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from resnet_fused.ops import add_relu as ar  # noqa: E402
+from resnet_fused.ops import max_pool as mp  # noqa: E402
 from resnet_fused.ops.conv_bn_relu import triton_kernels as tk  # noqa: E402
 
 
@@ -120,6 +121,12 @@ def main():
                                                         BLOCK_K=bk), tag=f"bwd_apply {dt} BLOCK_K={bk} mask_z={mask_z}")
         comp(ar._add_relu_fwd_kernel, dict(x_ptr="*" + dt, r_ptr="*" + dt, out_ptr="*" + dt, n_elements="i64"),
              dict(BLOCK=1024), tag=f"add_relu {dt}")
+        geo = dict(KH=3, KW=3, SH=2, SW=2, PH=1, PW=1, BLOCK_PIX=16, BLOCK_C=64)  # the stem's pool
+        dims = dict(H="i32", W="i32", C="i32", P="i32", Q="i32")
+        comp(mp._max_pool_fwd_kernel, dict(x_ptr="*" + dt, out_ptr="*" + dt, code_ptr="*u8", NPQ="i64", **dims), geo,
+             tag=f"max_pool fwd {dt}")
+        comp(mp._max_pool_bwd_kernel, dict(g_ptr="*" + dt, code_ptr="*u8", dx_ptr="*" + dt, NHW="i64", **dims), geo,
+             tag=f"max_pool bwd {dt}")
     for acc in ["fp32", "fp64"]:
         for rdt in ["fp32", "fp16", "bf16", "fp64"]:
             sig = dict(pmean_ptr="*" + acc, pm2_ptr="*" + acc, mean_ptr="*" + acc, invstd_ptr="*" + acc,

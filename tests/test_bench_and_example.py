@@ -57,6 +57,10 @@ def test_benchmark_smoke_writes_results(tmp_path):
     assert {r["impl"] for r in conv_rows} == {"eager", "conv-only", "fused-reference"}
     pool_rows = [r for r in ops if r["op"] == "conv_bn_relu_maxpool"]  # the stem with its pool, inference
     assert {r["impl"] for r in pool_rows} == {"eager", "fused-reference"} and all(r["status"] == "ok" for r in pool_rows)
+    mp_rows = [r for r in ops if r["op"] == "max_pool2d"]  # the stem's pool in training, forward and backward
+    assert {(r["mode"], r["impl"]) for r in mp_rows} == {(m, i) for m in ("fwd", "fwd-bwd")
+                                                         for i in ("eager", "fused-reference")}
+    assert all(r["status"] == "ok" for r in mp_rows)
     # no CUDA graphs on the CPU: every row says it was timed per call, host included
     assert {r["timing"] for r in ops} == {"call"} and all(r["ms_median"] == r["call_ms_median"] for r in ops)
     for name in ("models.csv", "ops.csv", "summary.md", "throughput.png", "layers.png"):
