@@ -63,17 +63,20 @@ def test_values_and_chosen_maxima_are_max_pool2d_s(case, geo):
             x = _input(shape, dtype, device)
             (out, code), trace = _run(backend, lambda: torch.ops.resnet_fused.max_pool2d_fwd(x, k, s, p, backend))
             assert trace == [("max_pool2d", backend)], trace
-            ref, idx = F.max_pool2d(x, k, s, p, return_indices=True)
-            torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+            # (on the CPU: PyTorch's channels_last CUDA kernel points a window of -inf alone at pixel (0, 0))
+            ref, idx = F.max_pool2d(x.cpu(), k, s, p, return_indices=True)
+            torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=0, equal_nan=True)
             assert code.dtype == torch.uint8 and code.is_contiguous(memory_format=CL)
             assert out.is_contiguous(memory_format=CL)
-            assert torch.equal(code.long(), _code_from_indices(idx, shape[3], k, s, p)), (shape, dtype)
+            assert torch.equal(code.cpu().long(), _code_from_indices(idx, shape[3], k, s, p)), (shape, dtype)
 
 
 def _truth_grad(x, g, k, s, p):
-    x64 = x.detach().double().requires_grad_()
-    F.max_pool2d(x64, k, s, p).backward(g.double())
-    return x64.grad
+    """F.max_pool2d's gradient in float64 on the CPU (whose kernel treats a window of -inf alone as
+    ours do, see test_values_and_chosen_maxima_are_max_pool2d_s), on x's device."""
+    x64 = x.detach().double().cpu().requires_grad_()
+    F.max_pool2d(x64, k, s, p).backward(g.double().cpu())
+    return x64.grad.to(x.device)
 
 
 @pytest.mark.parametrize("case", BACKEND_DEVICE)
@@ -149,6 +152,66 @@ def test_opcheck(case):
                                                                           backend))
 
 
+@pytest.mark.parametrize("case", BACKEND_DEVICE)
+def test_eager_calls_skip_the_custom_ops_and_give_their_bits(case, monkeypatch):
+    """A plain eager call runs the kernels through the fast path (no custom op: counted), a call
+    under a dispatch mode or with the fast path off through the custom ops; the same values and
+    gradients bit for bit, and a double backward through either reaches the custom backward op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from resnet_fused.ops import _common
+
+    backend, device = case
+    calls = {"fwd": 0, "bwd": 0}
+    fwd, bwd = mp._fwd_op, mp._bwd_op
+
+    def fwd_counted(*a):
+        calls["fwd"] += 1
+        return fwd(*a)
+
+    def bwd_counted(*a):
+        calls["bwd"] += 1
+        return bwd(*a)
+
+    monkeypatch.setattr(mp, "_fwd_op", fwd_counted)
+    monkeypatch.setattr(mp, "_bwd_op", bwd_counted)
+    x = _input((2, 8, 9, 9), torch.float32, device).requires_grad_()
+    g = torch.randn(2, 8, 5, 5, device=device)
+
+    def run():
+        xi = x.detach().clone().requires_grad_()
+        with resnet_fused.use_backend(backend):
+            out = max_pool2d(xi, 3, 2, 1)
+        out.backward(g)
+        return out, xi.grad
+
+    fast = run()
+    assert calls == {"fwd": 0, "bwd": 0}
+    with torch.no_grad(), resnet_fused.use_backend(backend):
+        assert torch.equal(max_pool2d(x, 3, 2, 1).nan_to_num(7.0), fast[0].nan_to_num(7.0))
+    assert calls == {"fwd": 0, "bwd": 0}
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        moded = run()
+    assert calls == {"fwd": 1, "bwd": 1}
+    monkeypatch.setattr(_common, "DIRECT", [False])
+    off = run()
+    assert calls == {"fwd": 2, "bwd": 2}
+    for a, b in zip(fast, moded):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    for a, b in zip(fast, off):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    monkeypatch.setattr(_common, "DIRECT", [True])
+    xi = x.detach().nan_to_num(0.0, 0.0, 0.0).requires_grad_()
+    with resnet_fused.use_backend(backend):
+        torch.autograd.grad(max_pool2d(xi, 3, 2, 1), xi, g.requires_grad_(), create_graph=True)
+    assert calls == {"fwd": 2, "bwd": 3}
+
+
 def _aten_calls():
     """(name, base, view of the base that is pooled, (kernel, stride, padding), keywords)"""
     g = torch.Generator().manual_seed(3)
@@ -162,6 +225,7 @@ def _aten_calls():
         ("sliced", cl, lambda t: t[:, :, :, ::2], (3, 2, 1), {}),
         ("17x17 window", torch.randn(1, 2, 20, 20, generator=g).contiguous(memory_format=CL), same, (17, 1, 0), {}),
         ("integer", torch.randint(-5, 5, (1, 2, 6, 6), generator=g).contiguous(memory_format=CL), same, (3, 2, 1), {}),
+        ("1x1 pixels", torch.randn(2, 4, 1, 1, generator=g), same, (2, 1, 1), {}),  # both layouts: F's is NCHW
     ]
 
 
@@ -175,6 +239,7 @@ def test_what_the_kernels_do_not_run_is_max_pool2d_s(backend):
         xe = base.clone().requires_grad_(grad)
         ref = F.max_pool2d(view(xe), k, s, p, **kw)
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        assert out.stride() == ref.stride(), name
         if grad:
             g = torch.randn_like(ref)
             out.backward(g)
@@ -192,6 +257,9 @@ def test_bad_input_raises_max_pool2d_s_errors():
         max_pool2d(x, "3")
     with pytest.raises(TypeError, match="stride must be an int or a pair"):
         max_pool2d(x, 3, 2.0)
+    import numpy as np
+
+    torch.testing.assert_close(max_pool2d(x, np.int64(3), (np.int32(2),), 1), F.max_pool2d(x, 3, 2, 1))
 
 
 @pytest.mark.gpu

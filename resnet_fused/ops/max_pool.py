@@ -15,10 +15,16 @@ reads 103 + 51 MB and writes 411 MB; 51 MB kept (docs/perf.md, lead 16).
 
 Ties and NaN as ``max_pool2d``: the window is read in (kh, kw) order and a value replaces the
 maximum when it is greater or NaN, so the first of equal maxima gets the gradient and NaN
-propagates. Runs on channels_last 4-D float tensors (dilation 1, no ``ceil_mode``); anything
-else goes to ``F.max_pool2d`` itself (traced as ``("max_pool2d", "aten")``).
+propagates; a window of -inf alone points at its first element inside the input (as PyTorch's CPU
+and NCHW CUDA kernels do; its channels_last CUDA kernel records pixel (0, 0) then, even outside the
+window, and drops that window's gradient). Runs on channels_last 4-D float tensors (dilation 1, no ``ceil_mode``); anything
+else goes to ``F.max_pool2d`` itself (traced as ``("max_pool2d", "aten")``). Registered as custom
+ops (``resnet_fused::max_pool2d_fwd`` / ``_bwd``: fake kernels, autograd, double backward); a plain
+eager call takes the fast path of the other fused ops (``_common.direct_ok``) to the same kernels.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +32,7 @@ from torch import Tensor
 
 from .. import _backends
 from .._triton import HAS_TRITON, tl, triton
-from ._common import FLOAT_DTYPES, device_guard
+from ._common import FLOAT_DTYPES, device_guard, direct_ok
 
 OP = "max_pool2d"
 _backends.declare_candidates(OP, ("triton", "cuda"))  # no per-call timing: the first available
@@ -34,10 +40,13 @@ _CL = torch.channels_last
 
 
 def _two(v, name):
-    if isinstance(v, int):
-        return [v, v]
-    if isinstance(v, (tuple, list)) and len(v) in (1, 2) and all(isinstance(i, int) for i in v):
-        return [v[0], v[-1]]
+    try:
+        if isinstance(v, (tuple, list)) and len(v) in (1, 2):
+            return [operator.index(v[0]), operator.index(v[-1])]
+        i = operator.index(v)  # (ints, numpy integers, ...; not floats or bools' lookalikes)
+        return [i, i]
+    except TypeError:
+        pass
     raise TypeError(f"{OP}: {name} must be an int or a pair of ints, got {v!r}")
 
 
@@ -52,7 +61,9 @@ def _empty_cl(N, C, H, W, dtype, device):
 # --- reference: PyTorch's pooling, its indices turned into window positions --------------------
 def _fwd_reference(x, k, s, p):
     N, C, H, W = x.shape
-    out, idx = F.max_pool2d(x, k, s, p, return_indices=True)
+    # (NCHW: PyTorch's NCHW kernels start a window of -inf alone at its first element inside the
+    # input, as ours do; its channels_last CUDA kernel records pixel (0, 0) then, even outside the window)
+    out, idx = F.max_pool2d(x.contiguous(), k, s, p, return_indices=True)
     P, Q = out.shape[2:]
     h0 = (torch.arange(P, device=x.device) * s[0] - p[0]).view(1, 1, P, 1)
     w0 = (torch.arange(Q, device=x.device) * s[1] - p[1]).view(1, 1, 1, Q)
@@ -240,7 +251,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad, _grad_code):
     (code,) = ctx.saved_tensors
     H, W, k, s, p, backend = ctx.conf
-    return torch.ops.resnet_fused.max_pool2d_bwd(grad, code, H, W, k, s, p, backend), None, None, None, None
+    return _bwd_op(grad, code, H, W, k, s, p, backend), None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -266,6 +277,34 @@ def _bwd_backward(ctx, gg):
 _bwd_op.register_autograd(_bwd_backward, setup_context=_bwd_setup_context)
 
 
+class _DirectFn(torch.autograd.Function):
+    """The eager fast path (``_common.direct_ok``): the same kernels as the custom ops without their
+    dispatch machinery. A backward that builds a graph (double backward) or runs under a mode goes
+    through the custom backward op, which has the double backward's formula."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, backend):
+        _backends.note(OP, backend)
+        with device_guard(x):
+            out, code = _FWD[backend](x, kernel, stride, padding)
+        ctx.save_for_backward(code)
+        ctx.conf = (x.shape[2], x.shape[3], kernel, stride, padding, backend)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (code,) = ctx.saved_tensors
+        H, W, k, s, p, backend = ctx.conf
+        if torch.is_grad_enabled() or not direct_ok(grad):
+            dx = _bwd_op(grad, code, H, W, k, s, p, backend)
+        else:
+            _backends.note(OP + "_backward", backend)
+            with device_guard(grad):
+                g = grad if grad.is_contiguous(memory_format=_CL) else grad.contiguous(memory_format=_CL)
+                dx = _BWD[backend](g, code, H, W, k, s, p)
+        return dx, None, None, None, None
+
+
 # --- public function ---------------------------------------------------------------------------
 def _supported(x, k, s, p, dilation, ceil_mode) -> bool:
     if not (isinstance(x, Tensor) and x.dim() == 4 and x.dtype in FLOAT_DTYPES and x.numel() > 0):
@@ -276,8 +315,9 @@ def _supported(x, k, s, p, dilation, ceil_mode) -> bool:
         return False  # (max_pool2d's own error)
     if min(_out_size(x.shape[2], x.shape[3], k, s, p)) < 1:
         return False
-    # channels_last as the fused layers write it (a 1-channel or 1x1 tensor is both layouts)
-    return x.is_contiguous(memory_format=_CL)
+    # channels_last as the fused layers write it; a tensor that is also NCHW-contiguous (1x1 pixels)
+    # with several channels gets NCHW output from F.max_pool2d: its path, for the same strides
+    return x.is_contiguous(memory_format=_CL) and not (x.shape[1] > 1 and x.is_contiguous())
 
 
 def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False) -> Tensor:
@@ -294,4 +334,11 @@ def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_
     if not _supported(x, k, s, p, d, ceil_mode):
         _backends.note(OP, "aten")
         return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
-    return _fwd_op(x, k, s, p, _backends.resolve(OP, x))[0]
+    backend = _backends.resolve(OP, x)
+    if direct_ok(x):
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _DirectFn.apply(x, k, s, p, backend)
+        _backends.note(OP, backend)
+        with device_guard(x):
+            return _FWD[backend](x, k, s, p)[0]
+    return _fwd_op(x, k, s, p, backend)[0]
