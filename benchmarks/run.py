@@ -435,7 +435,7 @@ def _bench_stem_maxpool(args, device, env, rows, progress, L, x, w, gamma, beta,
                         peak_tf, peak_gb):
     """The stem and its max-pool in inference (docs/perf.md lead 4): eager conv + BN + ReLU +
     max_pool2d against conv_affine_act_maxpool (BatchNorm folded; Triton pools in the conv's
-    epilogue, the CUDA backend runs cuDNN's conv and then PyTorch's pool). Bytes: the input read
+    epilogue, the CUDA backend runs cuDNN's conv and then our pool kernel). Bytes: the input read
     and the pooled output written once."""
     from resnet_fused.ops.conv_bn_relu.inference import conv_affine_act_maxpool, fold_bn
 

@@ -70,8 +70,9 @@ cudaError_t launch_bn_bwd_apply(const void* grad, const void* out, const void* z
 namespace resnet_fused {
 
 // Max pooling over NHWC [N, H, W, C] (dense, channels innermost) into out [N, P, Q, C] and code
-// [N, P, Q, C] (uint8: kh * KW + kw of each window's maximum, as max_pool2d chooses it); kernel,
-// stride, padding: {h, w}. The backward writes dx [N, H, W, C] from grad and code (every element).
+// [N, P, Q, C] (uint8: kh * KW + kw of each window's maximum, as max_pool2d chooses it; null: not
+// written, inference); kernel, stride, padding: {h, w}. The backward writes dx [N, H, W, C] from
+// grad and code (every element).
 cudaError_t launch_max_pool_fwd(const void* x, void* out, void* code, int64_t N, int64_t H, int64_t W, int64_t C,
                                 int64_t P, int64_t Q, const int* kernel, const int* stride, const int* padding,
                                 DType dtype, cudaStream_t stream);

@@ -31,8 +31,10 @@ bool dense_nhwc(const at::Tensor& t) {
   return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// with_code false (inference): the pooled values alone; the code comes back empty
 std::tuple<at::Tensor, at::Tensor> max_pool2d_fwd_cuda(const at::Tensor& x, c10::IntArrayRef kernel,
-                                                       c10::IntArrayRef stride, c10::IntArrayRef padding) {
+                                                       c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                                       bool with_code) {
   TORCH_CHECK(x.is_cuda(), kFwd, ": expected a CUDA tensor, got ", x.device());
   TORCH_CHECK(dense_nhwc(x), kFwd, ": expected a dense channels_last 4-D tensor, got sizes ", x.sizes(),
               " and strides ", x.strides());
@@ -44,9 +46,12 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_fwd_cuda(const at::Tensor& x, c10:
   TORCH_CHECK(P >= 1 && Q >= 1, kFwd, ": output size ", P, "x", Q, " is too small for input ", x.sizes());
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({N, C, P, Q}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  at::Tensor code = at::empty({N, C, P, Q}, x.options().dtype(at::kByte).memory_format(at::MemoryFormat::ChannelsLast));
-  check_launch(launch_max_pool_fwd(x.const_data_ptr(), out.mutable_data_ptr(), code.mutable_data_ptr(), N, H, W, C,
-                                   P, Q, k, s, p, dt, c10::cuda::getCurrentCUDAStream().stream()),
+  at::Tensor code = with_code ? at::empty({N, C, P, Q},
+                                           x.options().dtype(at::kByte).memory_format(at::MemoryFormat::ChannelsLast))
+                              : at::empty({0}, x.options().dtype(at::kByte));
+  check_launch(launch_max_pool_fwd(x.const_data_ptr(), out.mutable_data_ptr(),
+                                   with_code ? code.mutable_data_ptr() : nullptr, N, H, W, C, P, Q, k, s, p, dt,
+                                   c10::cuda::getCurrentCUDAStream().stream()),
                kFwd);
   return {out, code};
 }
@@ -75,7 +80,8 @@ at::Tensor max_pool2d_bwd_cuda(const at::Tensor& grad, const at::Tensor& code, i
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(resnet_fused_C, m) {
-  m.def("max_pool2d_fwd(Tensor x, int[2] kernel, int[2] stride, int[2] padding) -> (Tensor, Tensor)");
+  m.def("max_pool2d_fwd(Tensor x, int[2] kernel, int[2] stride, int[2] padding, bool with_code=True) -> "
+        "(Tensor, Tensor)");
   m.def("max_pool2d_bwd(Tensor grad, Tensor code, int H, int W, int[2] kernel, int[2] stride, int[2] padding) -> Tensor");
 }
 

@@ -106,7 +106,7 @@ __global__ void max_pool_fwd_kernel(const T* __restrict__ x, T* __restrict__ out
     }
     const int64_t at = ((n * g.P + p) * g.Q + q) * g.C + c;
     *reinterpret_cast<Pack<T, V>*>(out + at) = o;
-    *reinterpret_cast<Pack<uint8_t, V>*>(code + at) = kc;
+    if (code != nullptr) *reinterpret_cast<Pack<uint8_t, V>*>(code + at) = kc;
   }
 }
 

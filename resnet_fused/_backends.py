@@ -109,13 +109,14 @@ def candidates(op: str) -> tuple[str, ...]:
 
 def resolve(op: str, t: torch.Tensor, *, key: Optional[tuple] = None,
             runner: Optional[Callable[[str], Callable[[], object]]] = None, no_timing: Optional[str] = None,
-            weight: Optional[torch.Tensor] = None) -> str:
+            weight: Optional[torch.Tensor] = None, explained: bool = True) -> str:
     """The concrete backend that runs ``op`` on tensors like ``t``; raises if the chosen
     backend cannot run on that device.
 
     ``key`` (from ``_select.conv_key``) and ``runner`` (``runner(backend)`` returns a
     zero-argument callable running this call on that backend into scratch outputs) let
-    ``auto`` time the candidates on CUDA; ``no_timing`` names a reason not to time this call."""
+    ``auto`` time the candidates on CUDA; ``no_timing`` names a reason not to time this call;
+    ``explained=False``: not a row of ``resnet_fused.explain`` (which lists the conv layers)."""
     name = _current
     dev = t.device.type
     avail = available_backends()
@@ -137,7 +138,7 @@ def resolve(op: str, t: torch.Tensor, *, key: Optional[tuple] = None,
             choice, source = "triton", "device (interpreter)"
         else:
             choice, source = "reference", "device"
-        if _select.RECORDER is not None:
+        if _select.RECORDER is not None and explained:
             _select.record(op, t, weight, key, choice, source)
         return choice
     if name not in avail:  # set through the environment variable
@@ -148,7 +149,7 @@ def resolve(op: str, t: torch.Tensor, *, key: Optional[tuple] = None,
             f"import), got a {dev} tensor")
     if name == "cuda" and dev != "cuda":
         raise RuntimeError(f"{op}: the 'cuda' backend runs CUDA tensors, got a {dev} tensor")
-    if _select.RECORDER is not None:
+    if _select.RECORDER is not None and explained:
         _select.record(op, t, weight, key, name, "forced")
     return name
 

@@ -422,7 +422,7 @@ RECORDER: Optional[Recorder] = None
 def record(op: str, x: torch.Tensor, weight: Optional[torch.Tensor], key: Optional[tuple], choice: str,
            source: str) -> None:
     r = RECORDER
-    if r is None or weight is None:  # (explain reports conv layers: not the pool or the residual add)
+    if r is None:
         return
     ms, errors = {}, {}
     if key is not None and source not in ("forced", "device", "device (interpreter)"):

@@ -277,7 +277,7 @@ def _bwd_backward(ctx, gg):
 _bwd_op.register_autograd(_bwd_backward, setup_context=_bwd_setup_context)
 
 
-class _DirectFn(torch.autograd.Function):
+class _DirectPool(torch.autograd.Function):
     """The eager fast path (``_common.direct_ok``): the same kernels as the custom ops without their
     dispatch machinery. A backward that builds a graph (double backward) or runs under a mode goes
     through the custom backward op, which has the double backward's formula."""
@@ -334,10 +334,10 @@ def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_
     if not _supported(x, k, s, p, d, ceil_mode):
         _backends.note(OP, "aten")
         return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
-    backend = _backends.resolve(OP, x)
+    backend = _backends.resolve(OP, x, explained=False)  # (explain lists the conv layers)
     if direct_ok(x):
         if torch.is_grad_enabled() and x.requires_grad:
-            return _DirectFn.apply(x, k, s, p, backend)
+            return _DirectPool.apply(x, k, s, p, backend)
         _backends.note(OP, backend)
         with device_guard(x):
             return _FWD[backend](x, k, s, p)[0]

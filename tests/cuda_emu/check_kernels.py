@@ -281,6 +281,11 @@ def check_max_pool(lib, dt, rng, tol):
         if not np.array_equal(code.reshape(N, P, Q, C), want_code):
             print(f"FAIL code {what}", flush=True)
             sys.exit(1)
+        out2 = alloc(n_out, dt, mis)  # inference: no code
+        assert lib.emu_max_pool_fwd(ptr(x), ptr(out2), None, *geo) == 0
+        if not np.array_equal(values(out2, dt).reshape(N, P, Q, C), want, equal_nan=True):
+            print(f"FAIL forward without code {what}", flush=True)
+            sys.exit(1)
         # backward: each pooled gradient to its window's chosen pixel, summed where windows overlap
         g = alloc(n_out, dt, mis)
         g[:] = to_storage(rng.standard_normal(n_out), dt)

@@ -71,7 +71,12 @@ def _run(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Ten
         if not pool:
             return _in_layout(out, (N, K, P, Q), CL)
         _backends.note(POOL_PATH, "epilogue" if kw else "max_pool2d")
-        if not kw:  # the conv's output, then PyTorch's pool
+        if not kw and backend == "cuda":  # the conv's output, then our pool kernel without its codes
+            # (PyTorch's CUDA max_pool2d writes an int64 index per output even in inference: 411 MB at
+            # ResNet-50's stem, batch 256; this writes the 103 MB of values alone)
+            out = torch.ops.resnet_fused_C.max_pool2d_fwd(_in_layout(out, (N, K, P, Q), CL), [3, 3], [2, 2], [1, 1],
+                                                          False)[0]
+        elif not kw:  # the conv's output, then PyTorch's pool
             out = torch.nn.functional.max_pool2d(_in_layout(out, (N, K, P, Q), CL), 3, 2, 1)
         return _in_layout(out, (N, K, _pooled(P), _pooled(Q)), CL)
 
@@ -161,6 +166,6 @@ def conv_affine_act_maxpool(x: Tensor, weight: Tensor, scale: Optional[Tensor], 
                             padding, dilation, groups: int, relu: bool) -> Tensor:
     """:func:`conv_affine_act` (no residual) followed by ``max_pool2d(kernel_size=3, stride=2,
     padding=1)``: the ResNet stem in inference. On the Triton backend the pool runs in the conv's
-    epilogue and the conv's own output is never written; the other backends run PyTorch's pool
-    after their conv. ``auto`` chooses between the two per call signature, as for the conv alone."""
+    epilogue and the conv's own output is never written; the CUDA backend runs our pool kernel
+    (values only, csrc/max_pool_kernel.cu) after cuDNN's conv, the reference PyTorch's pool. ``auto`` chooses between the two per call signature, as for the conv alone."""
     return _dispatch(x, weight, scale, shift, None, stride, padding, dilation, groups, relu, True)
