@@ -10,6 +10,7 @@ Environment switches (CI and scripts/gpu_check.sh set them):
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -86,6 +87,32 @@ def route_to_cuda_backend(monkeypatch):
     from resnet_fused import _backends
 
     monkeypatch.setattr(_backends, "available_backends", lambda: ["reference", "triton", "cuda"])
-    # (the stem's max_pool2d, which has no CPU stand-in here, on the reference: its C++ kernels are
-    # tested on the CPU by test_cuda_kernels_emulated.py)
-    monkeypatch.setattr(_backends, "resolve", lambda op, t, **kw: "reference" if op == "max_pool2d" else "cuda")
+    monkeypatch.setattr(_backends, "resolve", lambda op, t, **kw: "cuda")
+
+
+@contextlib.contextmanager
+def cpu_max_pool_kernels():
+    """CPU stand-ins of resnet_fused_C::max_pool2d_fwd / _bwd (the reference backend's arithmetic, the
+    ops' schema: with_code=False gives an empty code), for the 'cuda' backend's host code on CPU
+    tensors; the kernels themselves run on the CPU in test_cuda_kernels_emulated.py. Yields the calls
+    made: ("fwd", with_code) and ("bwd",)."""
+    from resnet_fused.ops import max_pool as mp
+
+    lib = torch.library.Library("resnet_fused_C", "IMPL")
+    calls = []
+
+    def fwd(x, kernel, stride, padding, with_code=True):
+        calls.append(("fwd", with_code))
+        out, code = mp._fwd_reference(x, list(kernel), list(stride), list(padding))
+        return out, (code if with_code else code.new_empty(0))
+
+    def bwd(grad, code, H, W, kernel, stride, padding):
+        calls.append(("bwd",))
+        return mp._bwd_reference(grad, code, H, W, list(kernel), list(stride), list(padding))
+
+    try:
+        lib.impl("max_pool2d_fwd", fwd, "CPU")
+        lib.impl("max_pool2d_bwd", bwd, "CPU")
+        yield calls
+    finally:
+        lib._destroy()

@@ -27,7 +27,7 @@ from resnet_fused.ops.conv_bn_relu import conv_bn_relu_reference
 from resnet_fused.ops.conv_bn_relu import cuda as cuda_impl
 from resnet_fused.ops.conv_bn_relu import reference as R
 
-from conftest import NO_CUDA, REQUIRE_EXT, assert_close, route_to_cuda_backend
+from conftest import NO_CUDA, REQUIRE_EXT, assert_close, cpu_max_pool_kernels, route_to_cuda_backend
 from test_conv_bn_relu import check_batchnorm_vectors_as_views, make
 
 pytestmark = pytest.mark.skipif(not _ext.LOADED and not REQUIRE_EXT, reason=f"CUDA extension not loaded: {_ext.ERROR}")
@@ -182,7 +182,7 @@ def cpu_bn_kernels():
 def cuda_backend_on_cpu(monkeypatch):
     """conv_bn_relu on the 'cuda' backend with CPU tensors, over the CPU bn kernels."""
     route_to_cuda_backend(monkeypatch)
-    with cpu_bn_kernels() as calls:
+    with cpu_bn_kernels() as calls, cpu_max_pool_kernels():
         yield calls
 
 

@@ -21,7 +21,7 @@ from resnet_fused import _ext
 from resnet_fused.ops.conv_bn_relu import cuda as cuda_impl
 from resnet_fused.ops.conv_bn_relu.inference import conv_affine_act
 
-from conftest import REQUIRE_EXT, route_to_cuda_backend
+from conftest import REQUIRE_EXT, cpu_max_pool_kernels, route_to_cuda_backend
 
 pytestmark = pytest.mark.skipif(not _ext.LOADED and not REQUIRE_EXT, reason=f"CUDA extension not loaded: {_ext.ERROR}")
 
@@ -56,7 +56,7 @@ def conv_bias_act_on_cpu():
 @pytest.fixture
 def cuda_eval_on_cpu(monkeypatch):
     route_to_cuda_backend(monkeypatch)
-    with conv_bias_act_on_cpu() as calls:
+    with conv_bias_act_on_cpu() as calls, cpu_max_pool_kernels():
         yield calls
 
 
@@ -135,3 +135,16 @@ def test_a_callers_bias_is_cast_by_the_op(cuda_eval_on_cpu):
     assert [lp for _, lp in calls] == [None, None]
     assert not hasattr(bias, cuda_impl.LOWP_CACHE)
     assert not torch.equal(a, b)
+
+
+def test_the_eval_stem_pools_with_our_kernel_without_codes(monkeypatch):
+    """The CUDA backend's inference stem: cuDNN's conv (a CPU stand-in here), then our pool kernel
+    asked for the values alone (PyTorch's CUDA pool would also write int64 indices)."""
+    route_to_cuda_backend(monkeypatch)
+    m = _model()
+    x = torch.randn(2, 3, 32, 32).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    with conv_bias_act_on_cpu(), cpu_max_pool_kernels() as pool:
+        with torch.no_grad(), resnet_fused.use_backend("cuda"), resnet_fused.dispatch_trace() as trace:
+            m(x)
+    assert pool == [("fwd", False)]
+    assert ("conv_affine_act/maxpool", "max_pool2d") in trace

@@ -231,10 +231,10 @@ needs_ext = pytest.mark.skipif(not REQUIRE_EXT and "cuda" not in resnet_fused.av
 
 @pytest.fixture
 def cpp_node_on_cpu(monkeypatch):
-    from conftest import route_to_cuda_backend
+    from conftest import cpu_max_pool_kernels, route_to_cuda_backend
 
     route_to_cuda_backend(monkeypatch)
-    with cpu_bn_kernels() as calls:
+    with cpu_bn_kernels() as calls, cpu_max_pool_kernels():
         yield calls
 
 
