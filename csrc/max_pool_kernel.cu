@@ -3,24 +3,11 @@
 // the backward gathers: each input pixel sums the gradients of the windows whose maximum it is
 // (at most ceil(KH / SH) * ceil(KW / SW) of them), so it writes every input gradient once, with no
 // zero-fill and no atomics. 16-byte channel packs where the channels and pointers allow.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "launchers.h"
+#include "type_utils.cuh"
 
 namespace resnet_fused {
 namespace {
-
-template <typename T> struct Acc { using type = T; };
-template <> struct Acc<__half> { using type = float; };
-template <> struct Acc<__nv_bfloat16> { using type = float; };
-
-template <typename T> __device__ __forceinline__ typename Acc<T>::type up(T v) { return v; }
-template <> __device__ __forceinline__ float up(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float up(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T down(typename Acc<T>::type v) { return v; }
-template <> __device__ __forceinline__ __half down<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 down<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // V consecutive values, loaded and stored as one access of V * sizeof(E) bytes
 template <typename E, int V>
@@ -42,7 +29,7 @@ struct Geometry {
 template <typename T, int V, int FK, int FS>
 __global__ void max_pool_fwd_kernel(const T* __restrict__ x, T* __restrict__ out, uint8_t* __restrict__ code,
                                     Geometry g) {
-  using A = typename Acc<T>::type;
+  using A = typename OpMath<T>::type;
   const int KH = FK ? FK : g.KH, KW = FK ? FK : g.KW, SH = FS ? FS : g.SH, SW = FS ? FS : g.SW;
   const int64_t CV = g.C / V;
   const int64_t items = g.N * g.P * g.Q * CV;
@@ -62,7 +49,7 @@ __global__ void max_pool_fwd_kernel(const T* __restrict__ x, T* __restrict__ out
     auto consider = [&](const Pack<T, V>& v, int k) {
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        const A a = up(v.v[j]);
+        const A a = to_acc<A>(v.v[j]);
         // (a != a: NaN)
         if (k_best[j] < 0 || a > best[j] || a != a) {
           best[j] = a;
@@ -101,7 +88,7 @@ __global__ void max_pool_fwd_kernel(const T* __restrict__ x, T* __restrict__ out
     Pack<uint8_t, V> kc;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      o.v[j] = down<T>(best[j]);
+      o.v[j] = cast_to<T>(best[j]);
       kc.v[j] = static_cast<uint8_t>(k_best[j]);
     }
     const int64_t at = ((n * g.P + p) * g.Q + q) * g.C + c;
@@ -117,7 +104,7 @@ __global__ void max_pool_fwd_kernel(const T* __restrict__ x, T* __restrict__ out
 template <typename T, int V, int FK, int FS>
 __global__ void max_pool_bwd_kernel(const T* __restrict__ grad, const uint8_t* __restrict__ code, T* __restrict__ dx,
                                     Geometry g) {
-  using A = typename Acc<T>::type;
+  using A = typename OpMath<T>::type;
   const int KH = FK ? FK : g.KH, KW = FK ? FK : g.KW, SH = FS ? FS : g.SH, SW = FS ? FS : g.SW;
   const int NP = (KH + SH - 1) / SH, NQ = (KW + SW - 1) / SW;
   const int64_t CV = g.C / V;
@@ -156,7 +143,7 @@ __global__ void max_pool_bwd_kernel(const T* __restrict__ grad, const uint8_t* _
       for (int a = 0; a < NPF * NPF; ++a)
 #pragma unroll
         for (int j = 0; j < V; ++j)
-          if (ok[a] && kc[a].v[j] == kk[a]) acc[j] += up(gv[a].v[j]);
+          if (ok[a] && kc[a].v[j] == kk[a]) acc[j] += to_acc<A>(gv[a].v[j]);
     } else {
       for (int a = 0; a < NP; ++a) {
         const int64_t p = hp / SH - (NP - 1 - a);  // ascending p
@@ -172,13 +159,13 @@ __global__ void max_pool_bwd_kernel(const T* __restrict__ grad, const uint8_t* _
           const Pack<T, V> gv = *reinterpret_cast<const Pack<T, V>*>(grad + at);
 #pragma unroll
           for (int j = 0; j < V; ++j)
-            if (kc.v[j] == k) acc[j] += up(gv.v[j]);
+            if (kc.v[j] == k) acc[j] += to_acc<A>(gv.v[j]);
         }
       }
     }
     Pack<T, V> o;
 #pragma unroll
-    for (int j = 0; j < V; ++j) o.v[j] = down<T>(acc[j]);
+    for (int j = 0; j < V; ++j) o.v[j] = cast_to<T>(acc[j]);
     *reinterpret_cast<Pack<T, V>*>(dx + ((n * g.H + h) * g.W + w) * g.C + c) = o;
   }
 }
