@@ -17,10 +17,12 @@
 #                  graphs) for eager and fused models, and the training-step profiles
 #   STAGE=extra    compute-sanitizer (memcheck, racecheck) and the 100-step bf16 curves
 #   STAGE=gputests the tests marked gpu alone (every CUDA case, no CPU-only test), as time allows
+#   STAGE=second   torch.compile's model rows (NO_COMPILE=1: skipped, when STAGE=numbers reached
+#                  them), then as STAGE=gputests
 # A session now gets 15 minutes of device time, its machine's start included (README of the device
 # tool): call 1 STAGE=numbers (timeout_s 600), then at once, on the still-warm machine (it keeps the
-# build and Triton's cache for 30 s), call 2 STAGE=gputests BUDGET=<what is left, minus a minute>.
-# The other stages are for later sessions, one call each.
+# build, Triton's and inductor's caches for 30 s), call 2 STAGE=second BUDGET=<what is left, minus a
+# minute>. The other stages are for later sessions, one call each.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -78,14 +80,23 @@ fi
 if [ "$STAGE" = numbers ]; then
   run warm 200 python3 scripts/warm_caches.py --compile --batches 1,256 --workers 13
   pkill -f warm_caches.py 2>/dev/null; pkill -f multiprocessing.spawn 2>/dev/null; tail -3 "$P/warm.log"; grep -A8 FAIL "$P/warm.log" | head -40
+  # (in the order of what a 15-minute lease must bring back first: ours, the eager baselines, the
+  # batch-1 graphs, fused-auto; torch.compile's rows, the slowest to build, in STAGE=second if the
+  # deadline comes first)
   bench m_triton 110 --no-ops --impls fused-triton
   bench m_cuda 60 --no-ops --impls fused-cuda
+  bench m_eager 60 --no-ops --impls eager,eager-cl
+  bench m_graph 80 --no-ops --modes infer --batches 1 --impls eager-cl-graph,fused-triton-graph,fused-cuda-graph,fused-auto-graph
   # fused-auto: the per-layer choice, timed on first use; its decisions (the cache file) are the
   # tuning table to commit as resnet_fused/tuning/<gpu>.json
   RESNET_FUSED_CACHE_DIR="$P/cache" bench m_auto 120 --no-ops --impls fused-auto
   cp "$P"/cache/selection-*.json "$P/tuning_table.json" 2>/dev/null && echo "tuning table: $P/tuning_table.json"
-  bench m_graph 80 --no-ops --modes infer --batches 1 --impls eager-cl-graph,fused-triton-graph,fused-cuda-graph,fused-auto-graph
-  bench m_eager 200 --no-ops --impls eager,eager-cl,compile
+  bench m_compile 200 --no-ops --impls compile
+fi
+
+if [ "$STAGE" = second ]; then  # the second call of a 15-minute lease, on the warm machine
+  # ($OUT comes back empty: NO_COMPILE=1 when call 1's m_compile.log shows its rows)
+  [ -n "${NO_COMPILE:-}" ] || bench m_compile 200 --no-ops --impls compile
 fi
 
 if [ "$STAGE" = suite ]; then
@@ -131,8 +142,8 @@ if [ "$STAGE" = host ]; then  # docs/perf.md lead 9
   head -1 "$P/prof_fused-cuda_train_nojoin.log"
 fi
 
-if [ "$STAGE" = gputests ]; then TEST_ARGS=${TEST_ARGS:-"-m gpu tests"}; fi
-if [ "$STAGE" = suite ] || [ "$STAGE" = infer ] || [ "$STAGE" = gputests ]; then
+if [ "$STAGE" = gputests ] || [ "$STAGE" = second ]; then TEST_ARGS=${TEST_ARGS:-"-m gpu tests"}; fi
+if [ "$STAGE" = suite ] || [ "$STAGE" = infer ] || [ "$STAGE" = gputests ] || [ "$STAGE" = second ]; then
   # -v: a run stopped at its deadline still names every test that finished; --timeout: a hung
   # test fails with its traceback instead of eating the call
   par=""; python3 -c "import xdist" 2>/dev/null && par="-n ${TEST_WORKERS:-12} --dist worksteal"
