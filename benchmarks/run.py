@@ -429,6 +429,8 @@ def bench_ops(args, device, env, rows, progress):
                 _bench_stem_maxpool(args, device, env, rows, progress, L, x, w, gamma, beta, rm, rv, batch, dtype, dname,
                                     backends, peak_tf, peak_gb)
                 _bench_max_pool(args, device, env, rows, progress, L, batch, dtype, dname, backends, peak_tf, peak_gb)
+                _bench_stem_conv_padded(args, device, env, rows, progress, L, x, w, batch, dtype, dname, peak_tf,
+                                        peak_gb)
 
 
 def _bench_stem_maxpool(args, device, env, rows, progress, L, x, w, gamma, beta, rm, rv, batch, dtype, dname, backends,
@@ -479,6 +481,47 @@ def _bench_stem_maxpool(args, device, env, rows, progress, L, x, w, gamma, beta,
             progress.update(1)
 
 
+def _bench_stem_conv_padded(args, device, env, rows, progress, L, x, w, batch, dtype, dname, peak_tf, peak_gb):
+    """An experiment for the CUDA backend's stem (docs/perf.md lead 17): cuDNN's conv of the
+    3-channel channels_last input against the same conv with input and weight padded to 4 and to 8
+    channels (zeros: the same result), as MLPerf-style stems do, forward and forward + weight
+    gradient (the stem's input needs no gradient). The padding's own copy is outside the timing."""
+    conv = dict(stride=L.stride, padding=L.padding)
+    elem = x.element_size()
+    for mode in ("fwd", "fwd-wgrad"):
+        for cp in (L.C, 4, 8):
+            impl = "conv-only" if cp == L.C else f"conv-only-c{cp}"
+            progress.set_description(f"op stem conv {mode} {impl}")
+            xp = F.pad(x, (0, 0, 0, 0, 0, cp - L.C)).contiguous(memory_format=torch.channels_last)
+            wp = F.pad(w, (0, 0, 0, 0, 0, cp - L.C)).contiguous(memory_format=torch.channels_last)
+            status = "ok"
+            with torch.no_grad():
+                ref = F.conv2d(x, w, None, **conv).float()
+                err = ((F.conv2d(xp, wp, None, **conv).float() - ref).abs().max() / (ref.abs().max() + 1e-6)).item()
+            if not err <= 1e-2:
+                status = f"failed: {err:.3g} relative error vs the unpadded conv"
+            if mode == "fwd-wgrad":
+                wq = wp.detach().requires_grad_()
+                go = torch.randn_like(ref).to(dtype).contiguous(memory_format=torch.channels_last)
+                def step(xp=xp, wq=wq, go=go):
+                    return torch.autograd.grad(F.conv2d(xp, wq, None, **conv), (wq,), go)
+            else:
+                step = lambda xp=xp, wp=wp: F.conv2d(xp, wp, None, **conv)  # noqa: E731
+            row = dict(env, layer=L.name, op="conv", mode=mode, dtype=dname, batch=batch, impl=impl, status=status,
+                       peak_tflops=_r1(peak_tf), peak_gbps=_r1(peak_gb))
+            if status == "ok":
+                times, timing, call_med = time_op(step, device, args, f"stem conv {mode} {impl}")
+                med, p20, p80 = quantiles(times)
+                mult = 2 if mode == "fwd-wgrad" else 1
+                moved = elem * (batch * (L.C * L.H * L.H + L.K * L.P * L.P) + L.K * L.C * L.R * L.R)
+                row.update(ms_median=round(med, 4), ms_p20=round(p20, 4), ms_p80=round(p80, 4),
+                           tflops=round(mult * L.flops(batch) / (med / 1e3) / 1e12, 2),
+                           gbps=round(mult * moved / (med / 1e3) / 1e9, 1), timing=timing,
+                           call_ms_median=round(call_med, 4))
+            rows.append(row)
+            progress.update(1)
+
+
 def _bench_max_pool(args, device, env, rows, progress, L, batch, dtype, dname, backends, peak_tf, peak_gb):
     """The stem's pool in training (docs/perf.md lead 16): F.max_pool2d (int64 indices; its backward
     zero-fills and scatters) against functional.max_pool2d (one-byte window positions; a gathering
@@ -498,7 +541,8 @@ def _bench_max_pool(args, device, env, rows, progress, L, batch, dtype, dname, b
             with ctx:
                 if mode == "fwd-bwd":
                     pa = a.detach().requires_grad_()
-                    go = torch.randn(batch, L.K, PP, PP, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+                    go = torch.randn(batch, L.K, PP, PP, device=device, dtype=dtype)
+                    go = go.to(memory_format=torch.channels_last)
                     step = lambda fn=fn, pa=pa, go=go: torch.autograd.grad(fn(pa), (pa,), go)  # noqa: E731
                 else:
                     step = lambda fn=fn: fn(a)  # noqa: E731
@@ -806,7 +850,7 @@ def main(argv=None):
     layers = SMOKE if args.smoke else RESNET50
     n_impl = len(OP_BASE_IMPLS) + (1 if cpu else len([b for b in ("triton", "cuda") if b in resnet_fused.available_backends()]))
     n_ops = 0 if args.no_ops else ((len(layers) * 3 + sum(L.residual for L in layers) * 2) * n_impl
-                                   + sum("stem" in L.name for L in layers) * (n_impl - 1) * 3) * len(args.dtypes)
+                                   + sum("stem" in L.name for L in layers) * ((n_impl - 1) * 3 + 6)) * len(args.dtypes)
     progress = tqdm(total=n_models + n_ops, dynamic_ncols=True) if tqdm else _NoBar()
     model_rows, op_rows, explains = [], [], []
     if not args.no_models:

@@ -82,7 +82,8 @@ at::Tensor max_pool2d_bwd_cuda(const at::Tensor& grad, const at::Tensor& code, i
 TORCH_LIBRARY_FRAGMENT(resnet_fused_C, m) {
   m.def("max_pool2d_fwd(Tensor x, int[2] kernel, int[2] stride, int[2] padding, bool with_code=True) -> "
         "(Tensor, Tensor)");
-  m.def("max_pool2d_bwd(Tensor grad, Tensor code, int H, int W, int[2] kernel, int[2] stride, int[2] padding) -> Tensor");
+  m.def("max_pool2d_bwd(Tensor grad, Tensor code, int H, int W, int[2] kernel, int[2] stride, int[2] padding) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(resnet_fused_C, CUDA, m) {

@@ -61,6 +61,10 @@ def test_benchmark_smoke_writes_results(tmp_path):
     assert {(r["mode"], r["impl"]) for r in mp_rows} == {(m, i) for m in ("fwd", "fwd-bwd")
                                                          for i in ("eager", "fused-reference")}
     assert all(r["status"] == "ok" for r in mp_rows)
+    pad_rows = [r for r in ops if r["op"] == "conv"]  # the stem conv padded to 4 and 8 channels (lead 17)
+    assert {(r["mode"], r["impl"]) for r in pad_rows} == {(m, i) for m in ("fwd", "fwd-wgrad")
+                                                          for i in ("conv-only", "conv-only-c4", "conv-only-c8")}
+    assert all(r["status"] == "ok" for r in pad_rows)
     # no CUDA graphs on the CPU: every row says it was timed per call, host included
     assert {r["timing"] for r in ops} == {"call"} and all(r["ms_median"] == r["call_ms_median"] for r in ops)
     for name in ("models.csv", "ops.csv", "summary.md", "throughput.png", "layers.png"):

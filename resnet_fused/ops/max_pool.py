@@ -17,10 +17,11 @@ Ties and NaN as ``max_pool2d``: the window is read in (kh, kw) order and a value
 maximum when it is greater or NaN, so the first of equal maxima gets the gradient and NaN
 propagates; a window of -inf alone points at its first element inside the input (as PyTorch's CPU
 and NCHW CUDA kernels do; its channels_last CUDA kernel records pixel (0, 0) then, even outside the
-window, and drops that window's gradient). Runs on channels_last 4-D float tensors (dilation 1, no ``ceil_mode``); anything
-else goes to ``F.max_pool2d`` itself (traced as ``("max_pool2d", "aten")``). Registered as custom
-ops (``resnet_fused::max_pool2d_fwd`` / ``_bwd``: fake kernels, autograd, double backward); a plain
-eager call takes the fast path of the other fused ops (``_common.direct_ok``) to the same kernels.
+window, and drops that window's gradient). Runs on channels_last 4-D float tensors (dilation 1,
+no ``ceil_mode``); anything else goes to ``F.max_pool2d`` itself (traced as
+``("max_pool2d", "aten")``). Registered as custom ops (``resnet_fused::max_pool2d_fwd`` / ``_bwd``:
+fake kernels, autograd, double backward); a plain eager call takes the fast path of the other fused
+ops (``_common.direct_ok``) to the same kernels.
 """
 from __future__ import annotations
 
