@@ -140,6 +140,8 @@ if [ "$STAGE" = host ]; then  # docs/perf.md lead 9
   RESNET_FUSED_SHORTCUT_JOIN=0 run prof_fused-cuda_train_nojoin 45 python3 scripts/profile_step.py --impl fused-cuda \
     --mode train --top 25
   head -1 "$P/prof_fused-cuda_train_nojoin.log"
+  # lead 17: cuDNN's stem with its input padded to 4 channels (the ops rows op=conv give the kernels)
+  RESNET_FUSED_CUDNN_STEM_PAD=4 bench m_stempad 150 --no-ops --batches 256 --impls fused-cuda
 fi
 
 if [ "$STAGE" = gputests ] || [ "$STAGE" = second ]; then TEST_ARGS=${TEST_ARGS:-"-m gpu tests"}; fi

@@ -730,3 +730,27 @@ def test_batchnorm_vectors_as_views_on_the_cuda_backend(cuda_backend_on_cpu, lay
         return node == (layout == "expanded" or not as_view) and (node or ("conv_bn_train/cuda", "c++") in trace)
 
     check_batchnorm_vectors_as_views("cuda", "cpu", layout, with_res, expect_trace=path)
+
+
+@pytest.mark.parametrize("pad", [4, 8])
+def test_training_stem_padded_for_cudnn_gives_the_same_result(cuda_backend_on_cpu, monkeypatch, pad):
+    """RESNET_FUSED_CUDNN_STEM_PAD (docs/perf.md lead 17) in training on the CUDA backend: the layer
+    (C++ node) sees the input and weight padded with zero channels; output, running statistics and
+    the gradients of the 3-channel weight, the input and the BatchNorm are the unpadded ones."""
+    x, w, bn, _, conv = make("7x7s2-stem", "cpu", torch.float64, N=2)
+    results = {}
+    for p in (0, pad):
+        monkeypatch.setattr(_common, "CUDNN_STEM_PAD", [p])
+        xi, wi = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        g, b = bn["bn_weight"].detach().clone().requires_grad_(), bn["bn_bias"].detach().clone().requires_grad_()
+        rm, rv = bn["running_mean"].clone(), bn["running_var"].clone()
+        with resnet_fused.use_backend("cuda"), resnet_fused.dispatch_trace() as trace:
+            out = conv_bn_relu(xi, wi, g, b, rm, rv, training=True, **conv)
+        assert [t for op, t in trace if op == "conv_bn_relu/cudnn_pad"] == ([str(pad)] if p else []), trace
+        assert (cuda_impl.TRAIN_PATH, "c++ node") in trace
+        gout = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(5))
+        grads = torch.autograd.grad(out, (xi, wi, g, b), gout)
+        assert grads[1].shape == w.shape
+        results[p] = (out, rm, rv) + grads
+    for a, e in zip(results[pad], results[0]):
+        assert_close(a, e, 1e-10, 1e-10, "padded stem")

@@ -148,3 +148,34 @@ def test_the_eval_stem_pools_with_our_kernel_without_codes(monkeypatch):
             m(x)
     assert pool == [("fwd", False)]
     assert ("conv_affine_act/maxpool", "max_pool2d") in trace
+
+
+@pytest.mark.parametrize("pad", [4, 8])
+def test_the_stem_padded_for_cudnn_gives_the_same_result(monkeypatch, pad):
+    """RESNET_FUSED_CUDNN_STEM_PAD (docs/perf.md lead 17): the CUDA backend's stem conv sees 4 or 8
+    channels (zeros added to the input and the weight), with the unpadded result; other convs as
+    they are. Eval (the folded stem and its pool), over the CPU stand-ins."""
+    from resnet_fused.ops import _common
+
+    route_to_cuda_backend(monkeypatch)
+    m = _model().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64).to(memory_format=torch.channels_last)
+    outs = {}
+    for p in (0, pad):
+        monkeypatch.setattr(_common, "CUDNN_STEM_PAD", [p])
+        with conv_bias_act_on_cpu() as calls, cpu_max_pool_kernels():
+            with torch.no_grad(), resnet_fused.use_backend("cuda"), resnet_fused.dispatch_trace() as trace:
+                outs[p] = m(x)
+        padded = [t for op, t in trace if op == "conv_affine_act/cudnn_pad"]
+        assert padded == ([str(pad)] if p else []), trace
+        assert len(calls) == 20
+    torch.testing.assert_close(outs[pad], outs[0], rtol=1e-12, atol=1e-12)
+
+
+def test_a_bad_stem_pad_setting_is_refused():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "import resnet_fused"], capture_output=True, text=True, timeout=120,
+                       env=dict(__import__("os").environ, RESNET_FUSED_CUDNN_STEM_PAD="3"))
+    assert r.returncode != 0 and "RESNET_FUSED_CUDNN_STEM_PAD: expected 0 (off), 4 or 8" in r.stderr

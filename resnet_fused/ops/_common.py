@@ -90,3 +90,28 @@ def direct_ok(*tensors) -> bool:
         if t is not None and (type(t) not in _PLAIN or t.is_meta):
             return False
     return True
+
+
+def _stem_pad_from_env() -> int:
+    v = os.environ.get("RESNET_FUSED_CUDNN_STEM_PAD", "0").strip() or "0"
+    if v not in ("0", "4", "8"):
+        raise ValueError(f"RESNET_FUSED_CUDNN_STEM_PAD: expected 0 (off), 4 or 8, got {v!r}")
+    return int(v)
+
+
+# An experiment for the CUDA backend (docs/perf.md lead 17), off by default: convolutions with fewer
+# input channels than this (ResNet's 3-channel stem) get their input and weight padded with zero
+# channels up to it before cuDNN sees them (the same result; cuDNN's 3-channel NHWC kernels are slow)
+CUDNN_STEM_PAD = [_stem_pad_from_env()]
+
+
+def pad_channels_for_cudnn(x: torch.Tensor, weight: torch.Tensor, groups: int):
+    """``(x, weight)``, their channels padded with zeros to ``CUDNN_STEM_PAD[0]`` where that is set,
+    the conv is ungrouped and has fewer channels (differentiable: the weight's gradient is the padded
+    one's first channels); else as given."""
+    c = CUDNN_STEM_PAD[0]
+    if not c or groups != 1 or x.dim() != 4 or x.shape[1] >= c:
+        return x, weight
+    pad = (0, 0, 0, 0, 0, c - x.shape[1])
+    return (torch.nn.functional.pad(x, pad).contiguous(memory_format=torch.channels_last),
+            torch.nn.functional.pad(weight, pad))

@@ -34,7 +34,7 @@ from ..._triton import HAS_TRITON
 from . import cuda as _cuda_impl
 from . import reference as _ref_impl
 from . import sync as _sync
-from .._common import autocast_dtype, conv_allows_tf32, device_guard, direct_ok
+from .._common import autocast_dtype, conv_allows_tf32, device_guard, direct_ok, pad_channels_for_cudnn
 from .reference import CL, acc_dtype, aten_conv, conv_bn_relu_reference
 
 if HAS_TRITON:
@@ -636,6 +636,11 @@ def _layer(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, pad
             return run
     backend = _backends.resolve(OP, x, key=key, runner=runner, weight=weight,
                                 no_timing="synchronized BatchNorm" if training and process_group is not None else None)
+    if backend == "cuda":  # (RESNET_FUSED_CUDNN_STEM_PAD, docs/perf.md lead 17; off by default)
+        xp, weight = pad_channels_for_cudnn(x, weight, groups)
+        if xp is not x:
+            _backends.note(OP + "/cudnn_pad", str(xp.shape[1]))
+            x = xp
     direct = direct_ok(x, weight, bn_weight, bn_bias, running_mean, running_var, residual)
     # the fork's join (conv_bn_relu_fork): on the eager fast path, where x's gradient is one GEMM
     # (not under torch.use_deterministic_algorithms: PyTorch refuses cuBLAS GEMMs there unless

@@ -52,10 +52,15 @@ def _run(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Ten
          stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool, allow_tf32: bool,
          backend: str, pool: bool = False) -> Tensor:
     from . import _IMPLS, _in_layout, _out_size
-    from .._common import device_guard
+    from .._common import device_guard, pad_channels_for_cudnn
 
     with device_guard(x):
         _backends.note(OP, backend)
+        if backend == "cuda":  # (RESNET_FUSED_CUDNN_STEM_PAD, docs/perf.md lead 17; off by default)
+            xp, weight = pad_channels_for_cudnn(x, weight, groups)
+            if xp is not x:
+                _backends.note(OP + "/cudnn_pad", str(xp.shape[1]))
+                x = xp
         N, C, H, W = x.shape
         K, _, R, S = weight.shape
         P, Q = _out_size(H, W, R, S, stride, padding, dilation)
