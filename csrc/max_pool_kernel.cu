@@ -15,6 +15,21 @@ struct alignas(V * sizeof(E)) Pack {
   E v[V];
 };
 
+// Item i of a walk over [N, Y, X, C / V] (channel packs innermost): its n, y, x and first channel
+struct Item {
+  int64_t n, y, x, c;
+};
+__device__ __forceinline__ Item item_of(int64_t i, int64_t CV, int V, int64_t Y, int64_t X) {
+  Item it;
+  it.c = (i % CV) * V;
+  int64_t pix = i / CV;
+  it.x = pix % X;
+  pix /= X;
+  it.y = pix % Y;
+  it.n = pix / Y;
+  return it;
+}
+
 struct Geometry {
   int64_t N, H, W, C, P, Q;
   int KH, KW, SH, SW, PH, PW;
@@ -35,12 +50,8 @@ __global__ void max_pool_fwd_kernel(const T* __restrict__ x, T* __restrict__ out
   const int64_t items = g.N * g.P * g.Q * CV;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < items;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = (i % CV) * V;
-    int64_t pix = i / CV;
-    const int64_t q = pix % g.Q;
-    pix /= g.Q;
-    const int64_t p = pix % g.P;
-    const int64_t n = pix / g.P;
+    const Item it = item_of(i, CV, V, g.P, g.Q);
+    const int64_t n = it.n, p = it.y, q = it.x, c = it.c;
     const int64_t h0 = p * SH - g.PH, w0 = q * SW - g.PW;
     A best[V];
     int k_best[V];
@@ -111,12 +122,8 @@ __global__ void max_pool_bwd_kernel(const T* __restrict__ grad, const uint8_t* _
   const int64_t items = g.N * g.H * g.W * CV;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < items;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = (i % CV) * V;
-    int64_t pix = i / CV;
-    const int64_t w = pix % g.W;
-    pix /= g.W;
-    const int64_t h = pix % g.H;
-    const int64_t n = pix / g.H;
+    const Item it = item_of(i, CV, V, g.H, g.W);
+    const int64_t n = it.n, h = it.y, w = it.x, c = it.c;
     const int64_t hp = h + g.PH, wp = w + g.PW;
     A acc[V];
 #pragma unroll

@@ -94,18 +94,21 @@ def _bwd_reference(grad, code, H, W, k, s, p):
 if HAS_TRITON:
 
     @triton.jit
+    def _tile(NPIX, Y, X, C, BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's [BLOCK_PIX pixels x BLOCK_C channels] of an NHWC tensor of NPIX pixels of
+        Y x X: (pixel, n, y, x, c, pixel mask, channel mask), int64 pixel indices."""
+        pix = tl.program_id(0).to(tl.int64) * BLOCK_PIX + tl.arange(0, BLOCK_PIX)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        x = pix % X
+        t = pix // X
+        return pix, t // Y, t % Y, x, c, pix < NPIX, c < C
+
+    @triton.jit
     def _max_pool_fwd_kernel(x_ptr, out_ptr, code_ptr, NPQ, H, W, C, P, Q,
                              KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                              PH: tl.constexpr, PW: tl.constexpr, BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr):
         # a [BLOCK_PIX pooled pixels x BLOCK_C channels] tile of the NHWC output; int64 offsets
-        pix = tl.program_id(0).to(tl.int64) * BLOCK_PIX + tl.arange(0, BLOCK_PIX)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        pmask = pix < NPQ
-        cmask = c < C
-        q = pix % Q
-        t = pix // Q
-        p = t % P
-        n = t // P
+        pix, n, p, q, c, pmask, cmask = _tile(NPQ, P, Q, C, BLOCK_PIX, BLOCK_C)
         h0 = p * SH - PH
         w0 = q * SW - PW
         if x_ptr.dtype.element_ty == tl.float64:
@@ -136,14 +139,7 @@ if HAS_TRITON:
                              PH: tl.constexpr, PW: tl.constexpr, BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr):
         # a [BLOCK_PIX input pixels x BLOCK_C channels] tile of dx: the gradients of the windows
         # that contain the pixel and chose it, summed in fp32 (fp64 for fp64) in (p, q) order
-        pix = tl.program_id(0).to(tl.int64) * BLOCK_PIX + tl.arange(0, BLOCK_PIX)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        pmask = pix < NHW
-        cmask = c < C
-        w = pix % W
-        t = pix // W
-        h = t % H
-        n = t // H
+        pix, n, h, w, c, pmask, cmask = _tile(NHW, H, W, C, BLOCK_PIX, BLOCK_C)
         hp = h + PH
         wp = w + PW
         if g_ptr.dtype.element_ty == tl.float64:
