@@ -123,8 +123,9 @@ def main():
              dict(BLOCK=1024), tag=f"add_relu {dt}")
         geo = dict(KH=3, KW=3, SH=2, SW=2, PH=1, PW=1, BLOCK_PIX=16, BLOCK_C=64)  # the stem's pool
         dims = dict(H="i32", W="i32", C="i32", P="i32", Q="i32")
-        comp(mp._max_pool_fwd_kernel, dict(x_ptr="*" + dt, out_ptr="*" + dt, code_ptr="*u8", NPQ="i64", **dims), geo,
-             tag=f"max_pool fwd {dt}")
+        for store in (True, False):
+            comp(mp._max_pool_fwd_kernel, dict(x_ptr="*" + dt, out_ptr="*" + dt, code_ptr="*u8", NPQ="i64", **dims),
+                 dict(geo, STORE_CODE=store), tag=f"max_pool fwd {dt} store_code={store}")
         comp(mp._max_pool_bwd_kernel, dict(g_ptr="*" + dt, code_ptr="*u8", dx_ptr="*" + dt, NHW="i64", **dims), geo,
              tag=f"max_pool bwd {dt}")
     for acc in ["fp32", "fp64"]:

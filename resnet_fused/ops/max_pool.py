@@ -60,24 +60,30 @@ def _empty_cl(N, C, H, W, dtype, device):
 
 
 # --- reference: PyTorch's pooling, its indices turned into window positions --------------------
-def _fwd_reference(x, k, s, p):
+def _origins(P, Q, s, p, device):
+    """Each window's first row and column in the input (negative in the padding), [1, 1, P, 1] and
+    [1, 1, 1, Q]."""
+    return ((torch.arange(P, device=device) * s[0] - p[0]).view(1, 1, P, 1),
+            (torch.arange(Q, device=device) * s[1] - p[1]).view(1, 1, 1, Q))
+
+
+def _fwd_reference(x, k, s, p, with_code=True):
     N, C, H, W = x.shape
     # (NCHW: PyTorch's NCHW kernels start a window of -inf alone at its first element inside the
     # input, as ours do; its channels_last CUDA kernel records pixel (0, 0) then, even outside the window)
     out, idx = F.max_pool2d(x.contiguous(), k, s, p, return_indices=True)
     P, Q = out.shape[2:]
-    h0 = (torch.arange(P, device=x.device) * s[0] - p[0]).view(1, 1, P, 1)
-    w0 = (torch.arange(Q, device=x.device) * s[1] - p[1]).view(1, 1, 1, Q)
-    code = (idx // W - h0) * k[1] + (idx % W - w0)
-    o, c = _empty_cl(N, C, P, Q, x.dtype, x.device), _empty_cl(N, C, P, Q, torch.uint8, x.device)
-    return o.copy_(out), c.copy_(code)
+    o = _empty_cl(N, C, P, Q, x.dtype, x.device).copy_(out)
+    if not with_code:
+        return o, x.new_empty(0, dtype=torch.uint8)
+    h0, w0 = _origins(P, Q, s, p, x.device)
+    return o, _empty_cl(N, C, P, Q, torch.uint8, x.device).copy_((idx // W - h0) * k[1] + (idx % W - w0))
 
 
 def _flat_index(code, W, k, s, p):
     """The forward's window positions as flat indices h * W + w into the input ([N, C, P * Q], int64)."""
     N, C, P, Q = code.shape
-    h0 = (torch.arange(P, device=code.device) * s[0] - p[0]).view(1, 1, P, 1)
-    w0 = (torch.arange(Q, device=code.device) * s[1] - p[1]).view(1, 1, 1, Q)
+    h0, w0 = _origins(P, Q, s, p, code.device)
     c = code.long()
     return ((h0 + c // k[1]) * W + (w0 + c % k[1])).reshape(N, C, P * Q)
 
@@ -106,8 +112,10 @@ if HAS_TRITON:
     @triton.jit
     def _max_pool_fwd_kernel(x_ptr, out_ptr, code_ptr, NPQ, H, W, C, P, Q,
                              KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                             PH: tl.constexpr, PW: tl.constexpr, BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr):
+                             PH: tl.constexpr, PW: tl.constexpr, BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr,
+                             STORE_CODE: tl.constexpr):
         # a [BLOCK_PIX pooled pixels x BLOCK_C channels] tile of the NHWC output; int64 offsets
+        # (STORE_CODE False: no backward reads the codes, which are then not written)
         pix, n, p, q, c, pmask, cmask = _tile(NPQ, P, Q, C, BLOCK_PIX, BLOCK_C)
         h0 = p * SH - PH
         w0 = q * SW - PW
@@ -131,7 +139,8 @@ if HAS_TRITON:
         at = (pix * C)[:, None] + c[None, :]
         om = pmask[:, None] & cmask[None, :]
         tl.store(out_ptr + at, best.to(out_ptr.dtype.element_ty), mask=om)
-        tl.store(code_ptr + at, code.to(tl.uint8), mask=om)
+        if STORE_CODE:
+            tl.store(code_ptr + at, code.to(tl.uint8), mask=om)
 
     @triton.jit
     def _max_pool_bwd_kernel(g_ptr, code_ptr, dx_ptr, NHW, H, W, C, P, Q,
@@ -170,14 +179,15 @@ def _blocks(C):
     return max(16, 1024 // bc), bc
 
 
-def _fwd_triton(x, k, s, p):
+def _fwd_triton(x, k, s, p, with_code=True):
     N, C, H, W = x.shape
     P, Q = _out_size(H, W, k, s, p)
-    out, code = _empty_cl(N, C, P, Q, x.dtype, x.device), _empty_cl(N, C, P, Q, torch.uint8, x.device)
+    out = _empty_cl(N, C, P, Q, x.dtype, x.device)
+    code = _empty_cl(N, C, P, Q, torch.uint8, x.device) if with_code else x.new_empty(0, dtype=torch.uint8)
     bp, bc = _blocks(C)
     _max_pool_fwd_kernel[(triton.cdiv(N * P * Q, bp), triton.cdiv(C, bc))](
-        x, out, code, N * P * Q, H, W, C, P, Q, KH=k[0], KW=k[1], SH=s[0], SW=s[1], PH=p[0], PW=p[1],
-        BLOCK_PIX=bp, BLOCK_C=bc, num_warps=4)
+        x, out, code if with_code else out, N * P * Q, H, W, C, P, Q, KH=k[0], KW=k[1], SH=s[0], SW=s[1],
+        PH=p[0], PW=p[1], BLOCK_PIX=bp, BLOCK_C=bc, STORE_CODE=with_code, num_warps=4)
     return out, code
 
 
@@ -192,8 +202,8 @@ def _bwd_triton(grad, code, H, W, k, s, p):
 
 
 # --- CUDA C++ (csrc/max_pool*.c*) ----------------------------------------------------------------
-def _fwd_cuda(x, k, s, p):
-    return torch.ops.resnet_fused_C.max_pool2d_fwd(x, k, s, p)
+def _fwd_cuda(x, k, s, p, with_code=True):
+    return torch.ops.resnet_fused_C.max_pool2d_fwd(x, k, s, p, with_code)
 
 
 def _bwd_cuda(grad, code, H, W, k, s, p):
@@ -204,15 +214,28 @@ _FWD = {"reference": _fwd_reference, "triton": _fwd_triton, "cuda": _fwd_cuda}
 _BWD = {"reference": _bwd_reference, "triton": _bwd_triton, "cuda": _bwd_cuda}
 
 
+def _fwd_impl(x, k, s, p, backend, with_code=True):
+    """(out, code) on ``backend`` (``with_code`` False: the code comes back empty, not written), for
+    the custom op and the fast path alike."""
+    _backends.note(OP, backend)
+    with device_guard(x):
+        return _FWD[backend](x, list(k), list(s), list(p), with_code)
+
+
+def _bwd_impl(grad, code, H, W, k, s, p, backend):
+    _backends.note(OP + "_backward", backend)
+    with device_guard(grad):
+        g = grad if grad.is_contiguous(memory_format=_CL) else grad.contiguous(memory_format=_CL)
+        return _BWD[backend](g, code, H, W, list(k), list(s), list(p))
+
+
 # --- registration ------------------------------------------------------------------------------
 @torch.library.custom_op("resnet_fused::max_pool2d_fwd", mutates_args=())
 def _fwd_op(x: Tensor, kernel: list[int], stride: list[int], padding: list[int], backend: str
             ) -> tuple[Tensor, Tensor]:
     """(out, code): the pooled values and, per value, kh * KW + kw of its window's maximum (uint8);
     both channels_last. ``x`` is a dense channels_last tensor (the public function ensures it)."""
-    _backends.note(OP, backend)
-    with device_guard(x):
-        return _FWD[backend](x, list(kernel), list(stride), list(padding))
+    return _fwd_impl(x, kernel, stride, padding, backend)
 
 
 @_fwd_op.register_fake
@@ -226,10 +249,7 @@ def _(x, kernel, stride, padding, backend):
 def _bwd_op(grad: Tensor, code: Tensor, H: int, W: int, kernel: list[int], stride: list[int], padding: list[int],
             backend: str) -> Tensor:
     """The input's gradient (channels_last) from the output's and the forward's code."""
-    _backends.note(OP + "_backward", backend)
-    with device_guard(grad):
-        g = grad if grad.is_contiguous(memory_format=_CL) else grad.contiguous(memory_format=_CL)
-        return _BWD[backend](g, code, H, W, list(kernel), list(stride), list(padding))
+    return _bwd_impl(grad, code, H, W, kernel, stride, padding, backend)
 
 
 @_bwd_op.register_fake
@@ -281,9 +301,7 @@ class _DirectPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, kernel, stride, padding, backend):
-        _backends.note(OP, backend)
-        with device_guard(x):
-            out, code = _FWD[backend](x, kernel, stride, padding)
+        out, code = _fwd_impl(x, kernel, stride, padding, backend)
         ctx.save_for_backward(code)
         ctx.conf = (x.shape[2], x.shape[3], kernel, stride, padding, backend)
         return out
@@ -292,13 +310,8 @@ class _DirectPool(torch.autograd.Function):
     def backward(ctx, grad):
         (code,) = ctx.saved_tensors
         H, W, k, s, p, backend = ctx.conf
-        if torch.is_grad_enabled() or not direct_ok(grad):
-            dx = _bwd_op(grad, code, H, W, k, s, p, backend)
-        else:
-            _backends.note(OP + "_backward", backend)
-            with device_guard(grad):
-                g = grad if grad.is_contiguous(memory_format=_CL) else grad.contiguous(memory_format=_CL)
-                dx = _BWD[backend](g, code, H, W, k, s, p)
+        op = torch.is_grad_enabled() or not direct_ok(grad)  # (double backward, or a mode)
+        dx = (_bwd_op if op else _bwd_impl)(grad, code, H, W, k, s, p, backend)
         return dx, None, None, None, None
 
 
@@ -335,7 +348,5 @@ def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_
     if direct_ok(x):
         if torch.is_grad_enabled() and x.requires_grad:
             return _DirectPool.apply(x, k, s, p, backend)
-        _backends.note(OP, backend)
-        with device_guard(x):
-            return _FWD[backend](x, k, s, p)[0]
+        return _fwd_impl(x, k, s, p, backend, with_code=False)[0]  # (no backward: no codes written)
     return _fwd_op(x, k, s, p, backend)[0]
